@@ -1,0 +1,64 @@
+"""Offline fixtures: a byte-level BPE tokenizer trained on the fly and a tiny Llama built from a config."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+WORDS = (
+    "who what where when which wrote built painted discovered founded city river mountain paris london rome berlin "
+    "ann bob carl dana eve frank gina hugo iris jack the a of in and"
+).split()
+
+
+def qa_text(rng: random.Random, num_items: int | None = None) -> str:
+    """A completion in the product's format with random questions and answer sets."""
+    items = []
+    for _ in range(num_items or rng.randint(1, 3)):
+        question = " ".join(rng.choices(WORDS, k=rng.randint(2, 5)))
+        answers = [" ".join(rng.choices(WORDS, k=rng.randint(1, 3))) for _ in range(rng.randint(1, 4))]
+        items.append(f"<QA> {question}? " + " ".join(f"<A> {a}" for a in answers))
+    return " ".join(items)
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    texts = [qa_text(rng) for _ in range(400)] + ['what?" he asked. why ? "who?"'] * 20
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<unk>", "<pad>", "<eos>", "<QA>", "<A>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<eos>",
+        additional_special_tokens=["<QA>", "<A>"],
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def seps(tokenizer):
+    from trl_qaloss import QASeparators
+
+    return QASeparators.from_tokenizer(tokenizer)

@@ -1,0 +1,176 @@
+"""The order-invariant answer-set loss, batched: parsing, IoU and pair cross-entropy as tensor operations."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .logprobs import selected_log_probs, vocab_stats
+from .matching import AnswerSetMatcher, AnswerSets, group_answers
+from .parsing import AnswerTokens, parse_answer_tokens
+from .separators import QASeparators
+
+REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class SetLossOutput:
+    """Result of `set_matching_loss`.
+
+    Attributes:
+        loss: 0-dim float32 tensor, differentiable w.r.t. the logits.
+        stats: `target_answers`, `target_tokens`, `matched`, `missing`, `extra` (counts) and `mean_iou` (over matched
+            pairs, 0 if none).
+    """
+
+    loss: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SetLossTerms:
+    """The set loss of a batch before reduction, plus the per-position statistics computed on the way.
+
+    Attributes:
+        set_sum: 0-dim float32, sum of all pair costs.
+        stats: as in `SetLossOutput`.
+        rows_b, rows_p: `[R]` coordinates of the valid positions; lse `[R]` their log-sum-exp; argmax `[R]`;
+            entropy `[R]` or None. Callers reuse them for the SFT term instead of another pass over the logits.
+    """
+
+    set_sum: torch.Tensor
+    stats: dict[str, float]
+    rows_b: torch.Tensor
+    rows_p: torch.Tensor
+    lse: torch.Tensor
+    argmax: torch.Tensor
+    entropy: torch.Tensor | None
+    sft_log_probs: torch.Tensor | None = None
+
+
+def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
+    if logits.dim() != 3 or targets.dim() != 2 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"Expected logits [B, T, V] and labels [B, T]; got {tuple(logits.shape)} and {tuple(targets.shape)}."
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a float tensor, got {logits.dtype}.")
+
+
+def set_loss_terms(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    seps: QASeparators,
+    with_sft: bool = False,
+    with_entropy: bool = False,
+) -> SetLossTerms:
+    """The set loss of a batch whose rows are already shifted: `logits[b, p]` predicts `targets[b, p]`.
+
+    Args:
+        logits: `[B, T, V]` with T >= P; positions p >= P are never read.
+        targets: `[B, P]` target ids, -100 where ignored.
+        seps: separators and token classes.
+        with_sft: also return the log-probabilities of every valid target token (`sft_log_probs`, `[R]`), from the
+            same pass over the logits and the same backward.
+        with_entropy: also compute the entropy of every valid position (no gradient).
+    """
+    batch, num_pos = targets.shape
+    vocab_size = logits.size(-1)
+    device = logits.device
+    targets = targets.to(device)
+    valid = targets != -100
+    rows_b, rows_p = valid.nonzero(as_tuple=True)  # [R]
+    lse, argmax, entropy = vocab_stats(logits, rows_b, rows_p, with_entropy)
+    predictions = torch.zeros_like(targets)
+    predictions[rows_b, rows_p] = argmax
+
+    target_tokens = parse_answer_tokens(targets, valid, seps, vocab_size)
+    pred_tokens = parse_answer_tokens(predictions, valid, seps, vocab_size)
+    # The k-th predicted item is paired with the k-th target item; extra predicted items are ignored.
+    num_items = target_tokens.num_items
+    item_offset = num_items.cumsum(0) - num_items  # [B]
+    pred_tokens = pred_tokens.select(pred_tokens.item <= num_items[pred_tokens.row])
+    total_items = int(num_items.sum())
+    target = group_answers(target_tokens, item_offset[target_tokens.row] + target_tokens.item - 1, total_items)
+    pred = group_answers(pred_tokens, item_offset[pred_tokens.row] + pred_tokens.item - 1, total_items)
+    matching = AnswerSetMatcher()(pred_tokens, pred, target_tokens, target)
+
+    entry_b, entry_p, entry_y, num_uniform = _pair_entries(
+        matching.matched_pred, matching.matched_target, pred_tokens, pred, target_tokens, target, valid
+    )
+    # A pair token read at an invalid position, and every token of a missing answer, costs log(V): a uniform guess.
+    num_uniform = num_uniform + int(target.length[matching.missing_target].sum())
+
+    # Map each entry to its row among the valid positions (entries are all at valid positions).
+    row_of = torch.full((batch, num_pos), -1, dtype=torch.long, device=device)
+    row_of[rows_b, rows_p] = torch.arange(rows_b.numel(), device=device)
+    entry_row, entry_token = row_of[entry_b, entry_p], entry_y
+    if with_sft:
+        entry_row = torch.cat([torch.arange(rows_b.numel(), device=device), entry_row])
+        entry_token = torch.cat([targets[rows_b, rows_p], entry_token])
+    log_probs = selected_log_probs(logits, rows_b, rows_p, lse, entry_row, entry_token)
+    num_sft = rows_b.numel() if with_sft else 0
+    set_sum = -log_probs[num_sft:].sum() + num_uniform * math.log(vocab_size)
+
+    num_matched = matching.matched_pred.numel()
+    stats = {
+        "target_answers": float(target.length.numel()),
+        "target_tokens": float(target_tokens.token.numel()),
+        "matched": float(num_matched),
+        "missing": float(matching.missing_target.numel()),
+        "extra": float(matching.num_extra),
+        "mean_iou": float(matching.matched_iou.mean()) if num_matched else 0.0,
+    }
+    return SetLossTerms(set_sum, stats, rows_b, rows_p, lse, argmax, entropy, log_probs[:num_sft] if with_sft else None)
+
+
+def _pair_entries(
+    matched_pred: torch.Tensor,
+    matched_target: torch.Tensor,
+    pred_tokens: AnswerTokens,
+    pred: AnswerSets,
+    target_tokens: AnswerTokens,
+    target: AnswerSets,
+    valid: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The (row, position, target token) read by every matched pair, and how many pair tokens fall off valid positions.
+
+    Target answer j (tokens y_0..y_{L-1}) matched with predicted answer i starting at position s reads position s + t
+    for y_t: the prediction is scored against the target's tokens from where it started.
+    """
+    device = target.length.device
+    lengths = target.length[matched_target]  # [M]
+    pair_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)  # [N_pair_tokens]
+    offset = torch.arange(pair_of.numel(), device=device) - (lengths.cumsum(0) - lengths)[pair_of]
+    target_entry = target.entry_start[matched_target][pair_of] + offset
+    row = target_tokens.row[target_entry]
+    start = pred_tokens.pos[pred.entry_start[matched_pred]][pair_of]
+    pos = start + offset
+    at_valid = (pos < valid.size(1)) & valid[row, pos.clamp(max=valid.size(1) - 1)]
+    return row[at_valid], pos[at_valid], target_tokens.token[target_entry][at_valid], int((~at_valid).sum())
+
+
+def set_matching_loss(
+    logits: torch.Tensor, labels: torch.Tensor, seps: QASeparators, reduction: str = "mean"
+) -> SetLossOutput:
+    """Order-invariant set-matching loss of a causal LM's teacher-forced predictions.
+
+    Args:
+        logits: `[B, T, V]` un-shifted logits (float32, bfloat16 or float16); the loss is computed in float32.
+        labels: `[B, T]` un-shifted labels, -100 where ignored, as passed to a causal LM's forward.
+        seps: from `QASeparators.from_tokenizer`.
+        reduction: `"sum"` of all pair costs, or `"mean"`: that sum over the number of target answer tokens
+            (0 when there are none).
+    """
+    _check_inputs(logits, labels, reduction)
+    terms = set_loss_terms(logits, labels[:, 1:], seps)
+    return SetLossOutput(reduce_set_loss(terms.set_sum, terms.stats["target_tokens"], reduction), terms.stats)
+
+
+def reduce_set_loss(set_sum: torch.Tensor, num_target_tokens: float, reduction: str) -> torch.Tensor:
+    # Clamped so that a batch without answers gives a zero that is still part of the graph.
+    return set_sum if reduction == "sum" else set_sum / max(num_target_tokens, 1.0)

@@ -1,0 +1,139 @@
+"""Grouping parsed answers into per-item sets, token-IoU cost matrices, and the Hungarian assignment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .parsing import AnswerTokens
+
+
+@dataclass
+class AnswerSets:
+    """The answers of a batch, one entry per answer, in (row, item, answer) order.
+
+    Attributes:
+        item: `[A]` global item index (items of all rows numbered in order, only the target's items).
+        index: `[A]` index of the answer within its item.
+        entry_start: `[A]` index of the answer's first token in the `AnswerTokens` it was grouped from.
+        length: `[A]` number of tokens.
+        per_item: `[I]` number of answers of each item.
+    """
+
+    item: torch.Tensor
+    index: torch.Tensor
+    entry_start: torch.Tensor
+    length: torch.Tensor
+    per_item: torch.Tensor
+
+
+def group_answers(tokens: AnswerTokens, global_item: torch.Tensor, num_items: int) -> AnswerSets:
+    """Group answer tokens (sorted by row and position) into answers. `global_item`: `[E]` item index of each token."""
+    # Tokens are sorted by (row, position) and answer numbers grow along a row, so each answer is a run of tokens.
+    key = tokens.row * (int(tokens.answer.max()) + 1 if tokens.answer.numel() else 1) + tokens.answer
+    _, length = torch.unique_consecutive(key, return_counts=True)
+    entry_start = length.cumsum(0) - length
+    item = global_item[entry_start]
+    per_item = torch.bincount(item, minlength=num_items)
+    first_of_item = per_item.cumsum(0) - per_item
+    index = torch.arange(item.numel(), device=item.device) - first_of_item[item]
+    return AnswerSets(item, index, entry_start, length, per_item)
+
+
+@dataclass
+class Matching:
+    """The Hungarian assignment of every item pair, as flat arrays.
+
+    Attributes:
+        matched_pred, matched_target: `[M]` answer indices (into the predicted / target `AnswerSets`) of pairs whose
+            both sides are real answers; matched_iou: `[M]` their IoU (float64).
+        missing_target: `[K]` target answers assigned to an empty predicted answer.
+        num_extra: predicted answers assigned to an empty target answer.
+    """
+
+    matched_pred: torch.Tensor
+    matched_target: torch.Tensor
+    matched_iou: torch.Tensor
+    missing_target: torch.Tensor
+    num_extra: int
+
+
+class AnswerSetMatcher:
+    """Aligns predicted and target answers of each item pair by maximal token IoU.
+
+    For an item with m predicted and n target answers, both lists are padded with empty answers to N = max(m, n)
+    and `linear_sum_assignment` solves the N x N matrix `-IoU`, with IoU(a, b) = |a & b| / |a | b| over token sets
+    and IoU(empty, empty) = 0. The IoU of all items comes from one batched product of multi-hot token matrices; all
+    cost matrices are copied to the host once, and the per-item assignment is the only loop.
+    """
+
+    def __call__(
+        self, pred_tokens: AnswerTokens, pred: AnswerSets, target_tokens: AnswerTokens, target: AnswerSets
+    ) -> Matching:
+        device = target.per_item.device
+        num_items = target.per_item.numel()
+        sizes = torch.maximum(pred.per_item, target.per_item)  # [I]
+        iou = self.iou_matrices(pred_tokens, pred, target_tokens, target, int(sizes.max()) if num_items else 0)
+
+        # Items where one side is empty have nothing to align: every answer there is missing or extra.
+        to_solve = ((pred.per_item > 0) & (target.per_item > 0)).nonzero().flatten().tolist()
+        cost = (-iou).cpu().numpy()
+        sizes_host = sizes.tolist()
+        items, rows, cols = [], [], []
+        for i in to_solve:
+            n = sizes_host[i]
+            r, c = linear_sum_assignment(cost[i, :n, :n]) if n > 1 else (np.zeros(1, int), np.zeros(1, int))
+            items.append(np.full(n, i))
+            rows.append(r)
+            cols.append(c)
+        as_tensor = lambda parts: torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0, int), device=device)  # noqa: E731
+        item, row, col = as_tensor(items), as_tensor(rows), as_tensor(cols)
+
+        m, n = pred.per_item[item], target.per_item[item]
+        both = (row < m) & (col < n)
+        pred_first = pred.per_item.cumsum(0) - pred.per_item
+        target_first = target.per_item.cumsum(0) - target.per_item
+        matched_pred = pred_first[item[both]] + row[both]
+        matched_target = target_first[item[both]] + col[both]
+        missing_in_solved = target_first[item[(row >= m)]] + col[row >= m]
+        # Target answers of items without any predicted answer are missing as well.
+        unsolved_target = pred.per_item[target.item] == 0
+        missing = torch.cat([missing_in_solved, unsolved_target.nonzero().flatten()]).sort().values
+        num_extra = int((col >= n).sum()) + int(pred.per_item[target.per_item == 0].sum())
+        return Matching(matched_pred, matched_target, iou[item[both], row[both], col[both]], missing, num_extra)
+
+    @staticmethod
+    def iou_matrices(
+        pred_tokens: AnswerTokens, pred: AnswerSets, target_tokens: AnswerTokens, target: AnswerSets, size: int
+    ) -> torch.Tensor:
+        """`[I, size, size]` float64 token IoU of predicted answer i and target answer j of every item (0 on padding)."""
+        device = target.per_item.device
+        num_items = target.per_item.numel()
+        if size == 0:
+            return torch.zeros(num_items, 0, 0, dtype=torch.float64, device=device)
+
+        def answer_of_tokens(sets: AnswerSets) -> torch.Tensor:
+            return torch.repeat_interleave(torch.arange(sets.length.numel(), device=device), sets.length)
+
+        pred_answer, target_answer = answer_of_tokens(pred), answer_of_tokens(target)
+        pred_item, target_item = pred.item[pred_answer], target.item[target_answer]
+        # Number the distinct tokens of each item 0..K-1, over both sides, so the multi-hot matrices stay small.
+        vocab = int(torch.cat([pred_tokens.token, target_tokens.token]).max()) + 1
+        keys = torch.cat([pred_item * vocab + pred_tokens.token, target_item * vocab + target_tokens.token])
+        unique_keys, slot = torch.unique(keys, return_inverse=True)
+        per_item = torch.bincount(unique_keys // vocab, minlength=num_items)
+        slot = slot - (per_item.cumsum(0) - per_item)[keys // vocab]
+        width = int(per_item.max())
+        pred_slot, target_slot = slot[: pred_item.numel()], slot[pred_item.numel() :]
+
+        pred_hot = torch.zeros(num_items, size, width, device=device)
+        target_hot = torch.zeros(num_items, size, width, device=device)
+        pred_hot[pred_item, pred.index[pred_answer], pred_slot] = 1.0
+        target_hot[target_item, target.index[target_answer], target_slot] = 1.0
+        # Counts are small integers, exact in float32; the division is done in float64 like Python's.
+        inter = torch.bmm(pred_hot, target_hot.transpose(1, 2)).double()
+        union = pred_hot.sum(-1).double()[:, :, None] + target_hot.sum(-1).double()[:, None, :] - inter
+        return torch.where(union > 0, inter / union.clamp(min=1), 0.0)
