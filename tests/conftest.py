@@ -62,3 +62,70 @@ def seps(tokenizer):
     from trl_qaloss import QASeparators
 
     return QASeparators.from_tokenizer(tokenizer)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<eos>{% endgeneration %}"
+    "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=1,
+        eos_token_id=2,
+        bos_token_id=None,
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def qa_dataset(num_rows: int = 32, seed: int = 0):
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = [
+        {"prompt": f"context {' '.join(rng.choices(WORDS, k=3))}:", "completion": " " + qa_text(rng)}
+        for _ in range(num_rows)
+    ]
+    return Dataset.from_list(rows)
+
+
+def config_values(tmp_path, **overrides) -> dict:
+    """Arguments shared by the QALossConfig and SFTConfig of the tests: CPU, fp32, quiet, no checkpoints."""
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        max_length=128,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return values
+
+
+def qa_config(tmp_path, **overrides):
+    from trl_qaloss import QALossConfig
+
+    return QALossConfig(**config_values(tmp_path, **overrides))

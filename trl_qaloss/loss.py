@@ -174,3 +174,10 @@ def set_matching_loss(
 def reduce_set_loss(set_sum: torch.Tensor, num_target_tokens: float, reduction: str) -> torch.Tensor:
     # Clamped so that a batch without answers gives a zero that is still part of the graph.
     return set_sum if reduction == "sum" else set_sum / max(num_target_tokens, 1.0)
+
+
+def count_target_answer_tokens(targets: torch.Tensor, seps: QASeparators) -> int:
+    """Number of target answer tokens in shifted `targets` `[B, P]`: the denominator of the "mean" reduction."""
+    valid = targets != -100
+    num_ids = max(seps.vocab_size or 0, int(targets.max()) + 1 if targets.numel() else 1)
+    return parse_answer_tokens(targets, valid, seps, num_ids).token.numel()

@@ -109,7 +109,7 @@ class AnswerSetMatcher:
     def iou_matrices(
         pred_tokens: AnswerTokens, pred: AnswerSets, target_tokens: AnswerTokens, target: AnswerSets, size: int
     ) -> torch.Tensor:
-        """`[I, size, size]` float64 token IoU of predicted answer i and target answer j of every item (0 on padding)."""
+        """`[I, size, size]` float64 IoU of predicted answer i and target answer j of every item (0 on padding)."""
         device = target.per_item.device
         num_items = target.per_item.numel()
         if size == 0:

@@ -1,0 +1,195 @@
+"""QALossSFTTrainer on a tiny Llama built from a config, with real TRL, PEFT and bitsandbytes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from tests.conftest import CHAT_TEMPLATE, build_tokenizer, config_values, qa_config, qa_dataset, tiny_llama
+from trl_qaloss import QALossSFTTrainer
+
+
+@pytest.fixture()
+def model(tokenizer):
+    return tiny_llama(len(tokenizer))
+
+
+def first_batch(trainer):
+    batch = next(iter(trainer.get_train_dataloader()))
+    return {k: v.to(trainer.args.device) for k, v in batch.items()}
+
+
+def sft_loss(model, tokenizer, tmp_path, batch):
+    args = SFTConfig(**config_values(tmp_path))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=qa_dataset(), processing_class=tokenizer)
+    trainer.model.train()
+    with torch.no_grad():
+        return trainer.compute_loss(trainer.model, dict(batch))
+
+
+def test_lambda_set_zero_is_sft(model, tokenizer, tmp_path):
+    trainer = QALossSFTTrainer(
+        model=copy.deepcopy(model), args=qa_config(tmp_path, lambda_set=0.0), train_dataset=qa_dataset(),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    batch = first_batch(trainer)
+    trainer.model.train()
+    with torch.no_grad():
+        ours = trainer.compute_loss(trainer.model, dict(batch))
+    torch.testing.assert_close(ours, sft_loss(copy.deepcopy(model), tokenizer, tmp_path, batch), rtol=1e-4, atol=0)
+
+
+def test_ce_term_matches_sft_normalization(model, tokenizer, tmp_path):
+    """The CE term, computed from our own logits pass, equals SFTTrainer's fused loss on the same batch."""
+    trainer = QALossSFTTrainer(
+        model=copy.deepcopy(model), args=qa_config(tmp_path), train_dataset=qa_dataset(), processing_class=tokenizer
+    )
+    batch = first_batch(trainer)
+    trainer.model.train()
+    num_items = (batch["labels"][:, 1:] != -100).sum()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
+    ce = trainer._metrics["train"]["ce_loss"][-1]
+    expected = sft_loss(copy.deepcopy(model), tokenizer, tmp_path, batch).item()
+    assert ce == pytest.approx(expected, rel=1e-4)
+    # TRL's own metrics are logged next to ours.
+    for key in (
+        "entropy",
+        "mean_token_accuracy",
+        "set_loss",
+        "set/mean_iou",
+        "set/missing",
+        "set/extra",
+        "set/matched",
+    ):
+        assert key in trainer._metrics["train"]
+
+
+def test_logged_terms_combine_to_the_loss_and_set_loss_falls(model, tokenizer, tmp_path):
+    # A small dataset the tiny model can fit: the set loss starts at a uniform guess (nothing parses) and falls
+    # once the model has learnt the format.
+    args = qa_config(tmp_path, lambda_ce=0.7, lambda_set=1.3, max_steps=150, learning_rate=1e-2)
+    trainer = QALossSFTTrainer(model=model, args=args, train_dataset=qa_dataset(8), processing_class=tokenizer)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "set_loss" in entry]
+    assert len(logs) == 150
+    for entry in logs:
+        assert entry["loss"] == pytest.approx(0.7 * entry["ce_loss"] + 1.3 * entry["set_loss"], rel=1e-3)
+        assert entry["set/target_answers"] > 0
+    first = sum(e["set_loss"] for e in logs[:10]) / 10
+    last = sum(e["set_loss"] for e in logs[-10:]) / 10
+    assert last < 0.5 * first
+    assert logs[-1]["set/matched"] > 0 and logs[-1]["set/mean_iou"] > 0.5
+
+
+def test_lora_trains(model, tokenizer, tmp_path):
+    from peft import LoraConfig
+
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = QALossSFTTrainer(
+        model=model, args=qa_config(tmp_path, max_steps=3), train_dataset=qa_dataset(), processing_class=tokenizer,
+        peft_config=peft_config,
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert before and all(n.count("lora_") for n in before)
+    changed = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert changed
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
+
+
+def test_qlora_4bit_trains(model, tokenizer, tmp_path):
+    import bitsandbytes as bnb
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model.save_pretrained(tmp_path / "base")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )  # fmt: skip
+    model4 = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map="cpu")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model4.modules())
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = QALossSFTTrainer(
+        model=model4, args=qa_config(tmp_path / "out", max_steps=3), train_dataset=qa_dataset(),
+        processing_class=tokenizer, peft_config=peft_config,
+    )  # fmt: skip
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "set_loss" in e]
+    assert len(logs) == 3 and all(torch.isfinite(torch.tensor([e["loss"], e["set_loss"]])).all() for e in logs)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
+
+
+def test_separators_are_added_when_missing(tmp_path):
+    """A tokenizer without the separators gets them as special tokens; PEFT trains their embedding rows."""
+    from peft import LoraConfig
+
+    tokenizer = build_tokenizer()
+    args = qa_config(tmp_path, qa_token="<Q>", answer_token="<ANS>", max_steps=1)
+    dataset = qa_dataset().map(lambda r: {"completion": r["completion"].replace("<QA>", "<Q>").replace("<A>", "<ANS>")})
+    vocab = len(tokenizer)
+    model = tiny_llama(vocab)
+    peft_config = LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = QALossSFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+    )
+    assert len(tokenizer) == vocab + 2
+    assert trainer.separators.qa_id == tokenizer.convert_tokens_to_ids("<Q>")
+    assert trainer.model.get_base_model().config.vocab_size == vocab + 2
+    assert sorted(peft_config.trainable_token_indices) == sorted(tokenizer.convert_tokens_to_ids(["<Q>", "<ANS>"]))
+    assert any("trainable_tokens" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
+    trainer.train()
+
+
+def test_conversational_dataset(model, tokenizer, tmp_path):
+    from datasets import Dataset
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    rows = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        for r in qa_dataset()
+    ]
+    args = qa_config(tmp_path, assistant_only_loss=True, max_steps=2)
+    trainer = QALossSFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    trainer.train()
+    assert any(e.get("set/target_answers", 0) > 0 for e in trainer.state.log_history)
+
+
+def test_sft_config_is_converted(model, tokenizer, tmp_path):
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, max_steps=1, report_to=[])
+    trainer = QALossSFTTrainer(model=model, args=args, train_dataset=qa_dataset(), processing_class=tokenizer)
+    assert trainer.args.lambda_set == 1.0 and trainer.args.max_steps == 1
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("lambda_ce", -1.0, "lambda_ce"),
+        ("lambda_set", -0.5, "lambda_set"),
+        ("set_loss_reduction", "avg", "set_loss_reduction"),
+        ("qa_token", "", "qa_token"),
+        ("answer_token", " ", "answer_token"),
+        ("question_end", "", "question_end"),
+    ],
+)
+def test_config_validation(tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        qa_config(tmp_path, **{field: value})
+
+
+def test_config_both_weights_zero(tmp_path):
+    with pytest.raises(ValueError, match="both 0"):
+        qa_config(tmp_path, lambda_ce=0.0, lambda_set=0.0)
+
+
+def test_unsupported_combinations(model, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="loss_type"):
+        QALossSFTTrainer(model=model, args=qa_config(tmp_path, loss_type="dft"), train_dataset=qa_dataset(),
+                         processing_class=tokenizer)  # fmt: skip

@@ -1,0 +1,218 @@
+"""`QALossSFTTrainer`: TRL's `SFTTrainer` trained on `lambda_ce * SFT cross-entropy + lambda_set * set loss`."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin, TrainingArguments
+from trl import SFTTrainer
+from trl.trainer.utils import create_model_from_path
+
+from .config import QALossConfig
+from .loss import count_target_answer_tokens, reduce_set_loss, set_loss_terms
+from .separators import QASeparators
+
+logger = logging.getLogger(__name__)
+
+
+def _as_qaloss_config(args, model) -> QALossConfig:
+    if isinstance(args, QALossConfig):
+        return args
+    if args is None:
+        name = model if isinstance(model, str) else model.config._name_or_path or "model"
+        return QALossConfig(f"{name.rstrip('/').split('/')[-1]}-QALoss")
+    if isinstance(args, TrainingArguments):
+        # Not `to_dict()`: it masks every field named `*_token`, which would replace `eos_token` or `pad_token`.
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+        return QALossConfig(**{k: v for k, v in values.items() if k in QALossConfig.__dataclass_fields__})
+    raise TypeError(f"`args` must be a QALossConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
+
+
+class QALossSFTTrainer(SFTTrainer):
+    """`SFTTrainer` whose loss adds the order-invariant set-matching loss of the answers.
+
+    Takes the same arguments as [`~trl.SFTTrainer`]; `args` is a [`QALossConfig`] (an `SFTConfig` is converted). If
+    `qa_token` or `answer_token` is not a single token of the tokenizer, they are added as special tokens, the
+    embeddings are resized and, with a `peft_config`, the new rows are made trainable (PEFT's
+    `trainable_token_indices`).
+
+    The loss comes from ONE forward that returns logits only at the positions the losses read (`logits_to_keep`),
+    and one pass over those logits serves both terms: the SFT cross-entropy (normalized like `SFTTrainer`, by
+    `num_items_in_batch`) and the set loss (normalized by the target answer tokens of the same accumulation window
+    and devices). Logged next to TRL's metrics: `ce_loss`, `set_loss`, `set/mean_iou`, `set/matched`,
+    `set/missing`, `set/extra`, `set/target_answers`.
+    """
+
+    _tag_names = ["trl", "sft", "trl-qaloss"]
+
+    def __init__(self, model, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, *positional, peft_config=None, **kwargs):  # fmt: skip
+        args = _as_qaloss_config(args, model)
+        if isinstance(model, str):
+            # Loaded here rather than by SFTTrainer so the separators can be added to its embeddings first.
+            model_init_kwargs = dict(args.model_init_kwargs or {})
+            if kwargs.get("quantization_config") is not None:
+                model_init_kwargs["quantization_config"] = kwargs.pop("quantization_config")
+            if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+                model_init_kwargs["device_map"] = None
+            model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+            model_id = model
+            model = create_model_from_path(model_id, **model_init_kwargs)
+            args.model_init_kwargs = None
+            if processing_class is None:
+                processing_class = AutoTokenizer.from_pretrained(
+                    model_id, revision=model_init_kwargs.get("revision"), trust_remote_code=args.trust_remote_code
+                )
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise TypeError("`processing_class` must be a tokenizer or a processor that holds one.")
+        if args.lambda_set > 0:
+            self._check_supported(args, kwargs)
+            self._add_separator_tokens(model, tokenizer, args, peft_config)
+
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *positional,
+                         peft_config=peft_config, **kwargs)  # fmt: skip
+        self.separators = QASeparators.from_tokenizer(tokenizer, args.qa_token, args.answer_token, args.question_end)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
+        self._set_tokens_in_batch = None
+
+    @staticmethod
+    def _check_supported(args: QALossConfig, kwargs: dict) -> None:
+        if args.loss_type != "nll":
+            raise ValueError(f"`loss_type={args.loss_type!r}` is not supported with `lambda_set > 0`; use 'nll'.")
+        if args.label_smoothing_factor > 0:
+            raise ValueError("`label_smoothing_factor > 0` is not supported with `lambda_set > 0`; set it to 0.")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("`compute_loss_func` replaces the loss; it cannot be combined with `lambda_set > 0`.")
+
+    @staticmethod
+    def _add_separator_tokens(model, tokenizer, args: QALossConfig, peft_config) -> None:
+        missing = [
+            t for t in (args.qa_token, args.answer_token) if len(tokenizer.encode(t, add_special_tokens=False)) != 1
+        ]
+        if not missing:
+            return
+        if hasattr(model, "peft_config"):
+            raise ValueError(
+                f"The separators {missing} are not single tokens and the model is already a PeftModel, whose "
+                "embeddings cannot be resized here. Pass the base model and a `peft_config` instead, or add the tokens "
+                "and resize the embeddings before wrapping it."
+            )
+        tokenizer.add_tokens(missing, special_tokens=True)
+        new_ids = tokenizer.convert_tokens_to_ids(missing)
+        model.resize_token_embeddings(len(tokenizer))
+        logger.warning("Added %s to the tokenizer as special tokens %s and resized the embeddings.", missing, new_ids)
+        if peft_config is not None:
+            indices = peft_config.trainable_token_indices
+            if indices is None:
+                peft_config.trainable_token_indices = list(new_ids)  # PEFT reads a list as the input embeddings
+            elif isinstance(indices, dict):
+                name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()).split(".")[-1]
+                indices.setdefault(name, []).extend(new_ids)
+            else:
+                indices.extend(new_ids)
+            if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+                logger.warning(
+                    "The embeddings are not tied: the LM head rows of %s stay frozen under PEFT. Add the LM head to "
+                    "`modules_to_save` to train them, or use a tokenizer that already has the separators.",
+                    missing,
+                )
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        # The set term is normalized like the CE term: by its items (target answer tokens) over the whole
+        # accumulation window and, with `average_tokens_across_devices`, over all processes.
+        self._set_tokens_in_batch = None
+        if self.args.lambda_set > 0 and num_items_in_batch is not None:
+            count = sum(
+                count_target_answer_tokens(batch["labels"][:, 1:], self.separators)
+                for batch in batch_samples
+                if "labels" in batch
+            )
+            count = torch.tensor(count, device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                count = self.accelerator.gather(count).sum()
+            self._set_tokens_in_batch = count
+        return batch_samples, num_items_in_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.lambda_set == 0:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True
+        labels = inputs["labels"]
+        forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        # Logits only from the first position whose next token is a label: prompts are never scored.
+        first = 0
+        if self._accepts_logits_to_keep and not return_outputs:
+            scored = (labels[:, 1:] != -100).any(0).nonzero()
+            first = int(scored[0]) if scored.numel() else 0
+            forward_inputs["logits_to_keep"] = labels.size(1) - first
+        outputs = model(**forward_inputs)
+        terms = set_loss_terms(
+            outputs.logits, labels[:, first + 1 :], self.separators, with_sft=True, with_entropy=True
+        )
+
+        nll_sum = -terms.sft_log_probs.sum()
+        num_tokens = terms.rows_b.numel()
+        ce_loss = nll_sum / torch.as_tensor(num_tokens if num_items_in_batch is None else num_items_in_batch).clamp(
+            min=1
+        )
+        set_tokens = terms.stats["target_tokens"]
+        if num_items_in_batch is not None and self.model.training and self._set_tokens_in_batch is not None:
+            set_tokens = self._set_tokens_in_batch
+        if self.args.set_loss_reduction == "mean":
+            set_loss = terms.set_sum / torch.as_tensor(set_tokens, dtype=torch.float32).clamp(min=1)
+        else:
+            set_loss = reduce_set_loss(terms.set_sum, set_tokens, "sum")
+        loss = self.args.lambda_ce * ce_loss + self.args.lambda_set * set_loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if self.aux_loss_enabled and getattr(outputs, "aux_loss", None) is not None:
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+
+        self._log_metrics(mode, inputs, terms, nll_sum.detach(), labels[:, first + 1 :])
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_metrics(self, mode, inputs, terms, nll_sum, targets) -> None:
+        gather = self.accelerator.gather_for_metrics
+        device = nll_sum.device
+        stats = terms.stats
+        num_valid = gather(torch.tensor(float(terms.rows_b.numel()), device=device)).sum()
+        correct = (terms.argmax == targets[terms.rows_b, terms.rows_p]).sum().float()
+        per_token = torch.stack([nll_sum.float(), terms.entropy.sum(), correct])
+        nll, entropy, correct = gather(per_token[None]).sum(0) / num_valid.clamp(min=1)
+        set_values = torch.tensor(
+            [terms.set_sum.item(), stats["target_tokens"], stats["matched"], stats["missing"], stats["extra"],
+             stats["target_answers"], stats["mean_iou"] * stats["matched"]], device=device
+        )  # fmt: skip
+        set_sum, set_tokens, matched, missing, extra, target_answers, iou_sum = gather(set_values[None]).sum(0)
+        metrics = self._metrics[mode]
+        metrics["entropy"].append(entropy.item())
+        metrics["mean_token_accuracy"].append(correct.item())
+        metrics["ce_loss"].append(nll.item())
+        if self.args.set_loss_reduction == "mean":
+            metrics["set_loss"].append((set_sum / set_tokens.clamp(min=1)).item())
+        else:
+            metrics["set_loss"].append((set_sum / self.accelerator.num_processes).item())
+        metrics["set/mean_iou"].append((iou_sum / matched.clamp(min=1)).item())
+        for name, value in (("matched", matched), ("missing", missing), ("extra", extra),
+                            ("target_answers", target_answers)):  # fmt: skip
+            metrics[f"set/{name}"].append(value.item())
+        if mode == "train":
+            if "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            else:
+                local = torch.tensor(inputs["position_ids"].size(1), device=device)
+            self._total_train_tokens += gather(local).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
