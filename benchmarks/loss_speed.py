@@ -27,7 +27,9 @@ def completion(rng: random.Random, vocab: int, length: int) -> tuple[list[int], 
     target, predicted = [], []
     while len(target) < length:
         question = [QA] + [rng.randrange(10, vocab) for _ in range(rng.randint(3, 8))] + [QEND]
-        answers = [[ANSWER] + [rng.randrange(10, vocab) for _ in range(rng.randint(1, 4))] for _ in range(rng.randint(2, 6))]
+        answers = [
+            [ANSWER] + [rng.randrange(10, vocab) for _ in range(rng.randint(1, 4))] for _ in range(rng.randint(2, 6))
+        ]
         shuffled = rng.sample(answers, len(answers))
         target += question + [t for a in answers for t in a]
         predicted += question + [t for a in shuffled for t in a]

@@ -3,7 +3,8 @@
     python examples/offline_demo.py
 
 Trains a byte-level BPE tokenizer and a tiny Llama (built from a config) on synthetic question/answer-set data whose
-answer order is random (full fine-tuning: LoRA on a randomly initialized base learns little), and prints how the SFT cross-entropy and the set loss evolve.
+answer order is random (full fine-tuning: LoRA on a randomly initialized base learns little),
+and prints how the SFT cross-entropy and the set loss evolve.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def make_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = ["<unk>", "<pad>", "<eos>", "<QA>", "<A>"]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special, initial_alphabet=alphabet)
+    tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
                                    additional_special_tokens=["<QA>", "<A>"])  # fmt: skip
 
