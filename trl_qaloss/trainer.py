@@ -12,7 +12,7 @@ from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
 from .config import QALossConfig
-from .loss import count_target_answer_tokens, reduce_set_loss, set_loss_terms
+from .loss import count_target_answer_tokens, set_loss_terms
 from .separators import QASeparators
 
 logger = logging.getLogger(__name__)
@@ -169,10 +169,9 @@ class QALossSFTTrainer(SFTTrainer):
         set_tokens = terms.stats["target_tokens"]
         if num_items_in_batch is not None and self.model.training and self._set_tokens_in_batch is not None:
             set_tokens = self._set_tokens_in_batch
+        set_loss = terms.set_sum
         if self.args.set_loss_reduction == "mean":
-            set_loss = terms.set_sum / torch.as_tensor(set_tokens, dtype=torch.float32).clamp(min=1)
-        else:
-            set_loss = reduce_set_loss(terms.set_sum, set_tokens, "sum")
+            set_loss = set_loss / torch.as_tensor(set_tokens, dtype=torch.float32, device=set_loss.device).clamp(min=1)
         loss = self.args.lambda_ce * ce_loss + self.args.lambda_set * set_loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
