@@ -7,13 +7,19 @@ from dataclasses import dataclass, field
 import torch
 
 
+def is_single_token(tokenizer, text: str) -> bool:
+    """Whether the tokenizer encodes `text` as exactly one known token (not split, not mapped to the unknown token)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    unknown = ids[:1] == [getattr(tokenizer, "unk_token_id", None)] and text != getattr(tokenizer, "unk_token", None)
+    return len(ids) == 1 and not unknown
+
+
 def _single_token_id(tokenizer, text: str, field_name: str) -> int:
     """Id of `text` if the tokenizer keeps it as one token; a ValueError that says how to fix it otherwise."""
     if not text:
         raise ValueError(f"`{field_name}` must be a non-empty string.")
     ids = tokenizer.encode(text, add_special_tokens=False)
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if len(ids) != 1 or (ids[0] == unk and text != getattr(tokenizer, "unk_token", None)):
+    if not is_single_token(tokenizer, text):
         raise ValueError(
             f"`{field_name}`={text!r} is not a single token of this tokenizer (it encodes to {ids}). Add it as a "
             f"special token and resize the embeddings: `tokenizer.add_special_tokens({{'additional_special_tokens': "

@@ -13,7 +13,7 @@ from trl.trainer.utils import create_model_from_path
 
 from .config import QALossConfig
 from .loss import count_target_answer_tokens, set_loss_terms
-from .separators import QASeparators
+from .separators import QASeparators, is_single_token
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +93,7 @@ class QALossSFTTrainer(SFTTrainer):
 
     @staticmethod
     def _add_separator_tokens(model, tokenizer, args: QALossConfig, peft_config) -> None:
-        missing = [
-            t for t in (args.qa_token, args.answer_token) if len(tokenizer.encode(t, add_special_tokens=False)) != 1
-        ]
+        missing = [t for t in (args.qa_token, args.answer_token) if not is_single_token(tokenizer, t)]
         if not missing:
             return
         if hasattr(model, "peft_config"):
