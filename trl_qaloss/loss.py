@@ -171,9 +171,13 @@ def set_matching_loss(
     return SetLossOutput(reduce_set_loss(terms.set_sum, terms.stats["target_tokens"], reduction), terms.stats)
 
 
-def reduce_set_loss(set_sum: torch.Tensor, num_target_tokens: float, reduction: str) -> torch.Tensor:
+def reduce_set_loss(set_sum: torch.Tensor, num_target_tokens: float | torch.Tensor, reduction: str) -> torch.Tensor:
+    """`set_sum` itself, or over `num_target_tokens` (a count or a 0-dim tensor, e.g. gathered across processes)."""
+    if reduction == "sum":
+        return set_sum
     # Clamped so that a batch without answers gives a zero that is still part of the graph.
-    return set_sum if reduction == "sum" else set_sum / max(num_target_tokens, 1.0)
+    count = torch.as_tensor(num_target_tokens, dtype=torch.float32, device=set_sum.device)
+    return set_sum / count.clamp(min=1)
 
 
 def count_target_answer_tokens(targets: torch.Tensor, seps: QASeparators) -> int:

@@ -22,8 +22,8 @@ def _single_token_id(tokenizer, text: str, field_name: str) -> int:
     if not is_single_token(tokenizer, text):
         raise ValueError(
             f"`{field_name}`={text!r} is not a single token of this tokenizer (it encodes to {ids}). Add it as a "
-            f"special token and resize the embeddings: `tokenizer.add_special_tokens({{'additional_special_tokens': "
-            f"[{text!r}]}})` then `model.resize_token_embeddings(len(tokenizer))`. `QALossSFTTrainer` does this itself."
+            f"special token and resize the embeddings: `tokenizer.add_tokens([{text!r}], special_tokens=True)` then "
+            f"`model.resize_token_embeddings(len(tokenizer))`. `QALossSFTTrainer` does this itself."
         )
     return ids[0]
 

@@ -12,7 +12,7 @@ from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
 from .config import QALossConfig
-from .loss import count_target_answer_tokens, set_loss_terms
+from .loss import count_target_answer_tokens, reduce_set_loss, set_loss_terms
 from .separators import QASeparators, is_single_token
 
 logger = logging.getLogger(__name__)
@@ -155,9 +155,8 @@ class QALossSFTTrainer(SFTTrainer):
             first = int(scored[0]) if scored.numel() else 0
             forward_inputs["logits_to_keep"] = labels.size(1) - first
         outputs = model(**forward_inputs)
-        terms = set_loss_terms(
-            outputs.logits, labels[:, first + 1 :], self.separators, with_sft=True, with_entropy=True
-        )
+        targets = labels[:, first + 1 :]  # logits[:, j] predicts targets[:, j]
+        terms = set_loss_terms(outputs.logits, targets, self.separators, with_sft=True, with_entropy=True)
 
         nll_sum = -terms.sft_log_probs.sum()
         num_tokens = terms.rows_b.numel()
@@ -167,9 +166,7 @@ class QALossSFTTrainer(SFTTrainer):
         set_tokens = terms.stats["target_tokens"]
         if num_items_in_batch is not None and self.model.training and self._set_tokens_in_batch is not None:
             set_tokens = self._set_tokens_in_batch
-        set_loss = terms.set_sum
-        if self.args.set_loss_reduction == "mean":
-            set_loss = set_loss / torch.as_tensor(set_tokens, dtype=torch.float32, device=set_loss.device).clamp(min=1)
+        set_loss = reduce_set_loss(terms.set_sum, set_tokens, self.args.set_loss_reduction)
         loss = self.args.lambda_ce * ce_loss + self.args.lambda_set * set_loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
@@ -178,7 +175,7 @@ class QALossSFTTrainer(SFTTrainer):
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
-        self._log_metrics(mode, inputs, terms, nll_sum.detach(), labels[:, first + 1 :])
+        self._log_metrics(mode, inputs, terms, nll_sum.detach(), targets)
         return (loss, outputs) if return_outputs else loss
 
     def _log_metrics(self, mode, inputs, terms, nll_sum, targets) -> None:
