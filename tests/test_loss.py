@@ -224,3 +224,13 @@ def test_bad_inputs(seps, tokenizer):
         set_matching_loss(logits, labels, seps, reduction="avg")
     with pytest.raises(ValueError, match=r"\[B, T, V\]"):
         set_matching_loss(logits[0], labels, seps)
+
+
+def test_separator_that_is_not_one_token(tokenizer):
+    """A separator the tokenizer splits fails with the fix in the message."""
+    with pytest.raises(ValueError, match=r"qa_token.*not a single token.*add_tokens.*resize_token_embeddings"):
+        QASeparators.from_tokenizer(tokenizer, qa_token="<QUESTION>")
+    with pytest.raises(ValueError, match="answer_token"):
+        QASeparators.from_tokenizer(tokenizer, answer_token="<ANSWER>")
+    with pytest.raises(ValueError, match="question_end"):
+        QASeparators.from_tokenizer(tokenizer, question_end="")
