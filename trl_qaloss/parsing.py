@@ -99,3 +99,33 @@ def parse_row(tokens: list[int], positions: list[int], seps: QASeparators) -> li
         elif answer is not None and not seps.is_skip(tok):
             answer.append((pos, tok))
     return [[a for a in item if a] for item in items]
+
+
+@dataclass
+class QAItem:
+    """One parsed item of a text completion: the question (without its end marker) and its answers, in order."""
+
+    question: str
+    answers: list[str]
+
+
+def parse_qa_text(
+    text: str, qa_token: str = "<QA>", answer_token: str = "<A>", question_end: str = "?"
+) -> list[QAItem]:
+    """Parse a text completion with the module's rules, read on characters instead of token ids.
+
+    The text is what the tokens decode to, with the special tokens other than the separators left out (the token
+    parser skips them). Rule for rule: each `qa_token` starts an item and text before the first one is ignored; the
+    question runs to the first `question_end`, and an item without one has no answers; after it, each `answer_token`
+    starts an answer running to the next separator or the end, text between the question end and the first
+    `answer_token` is ignored; answers are stripped and an empty one is dropped (the token parser drops answers made
+    only of whitespace tokens).
+
+    Example: `parse_qa_text("<QA> Who? <A> Ann <A> <A> Bob")` -> `[QAItem("Who", ["Ann", "Bob"])]`.
+    """
+    items = []
+    for chunk in text.split(qa_token)[1:]:
+        question, found, rest = chunk.partition(question_end)
+        answers = [a.strip() for a in rest.split(answer_token)[1:]] if found else []
+        items.append(QAItem(question.strip(), [a for a in answers if a]))
+    return items

@@ -1,0 +1,184 @@
+"""Answer-set metrics on hand-written cases, and the text parser against the token parser."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trl_qaloss.metrics import answer_set_scores, normalize_answer
+from trl_qaloss.parsing import QAItem, parse_answer_tokens, parse_qa_text, parse_row
+
+WHO = "<QA> Who wrote X? "
+
+
+def scores(prediction: str, reference: str) -> dict[str, float]:
+    return answer_set_scores([prediction], [reference])
+
+
+def assert_set(result, precision, recall, f1=None):
+    assert result["set_precision"] == pytest.approx(precision)
+    assert result["set_recall"] == pytest.approx(recall)
+    assert result["set_f1"] == pytest.approx(f1 if f1 is not None else 2 * precision * recall / (precision + recall))
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<QA> Who? <A> Ann <A> Bob", [QAItem("Who", ["Ann", "Bob"])]),
+        ("preamble <A> x <QA> Who? <A> Ann", [QAItem("Who", ["Ann"])]),  # text before the first item is ignored
+        ("<QA> Who <A> Ann", [QAItem("Who <A> Ann", [])]),  # no question end: no answers
+        ("<QA> Who? noise <A> Ann <A>  <A> Why? x", [QAItem("Who", ["Ann", "Why? x"])]),  # empty answer dropped
+        ("<QA> A? <A> 1 <QA> B? <QA> C? <A> 3", [QAItem("A", ["1"]), QAItem("B", []), QAItem("C", ["3"])]),
+        ("", []),
+        ("no items at all", []),
+    ],
+)
+def test_parse_qa_text(text, expected):
+    assert parse_qa_text(text) == expected
+
+
+def test_perfect_and_permuted():
+    reference = WHO + "<A> Ann <A> Bob <QA> Where? <A> Paris"
+    for prediction in (reference, WHO + "<A> Bob <A> Ann <QA> Where? <A> Paris"):
+        result = scores(prediction, reference)
+        assert_set(result, 1, 1)
+        assert result["soft_f1"] == pytest.approx(1.0)
+        assert result["cardinality_error"] == 0 and result["parse_failures"] == 0
+        assert result["questions_expected"] == result["questions_predicted"] == result["questions_matched"] == 2
+
+
+def test_missing_and_extra_answers():
+    missing = scores(WHO + "<A> Ann", WHO + "<A> Ann <A> Bob")
+    assert_set(missing, 1, 0.5)
+    assert missing["cardinality_error"] == 1 and missing["cardinality_bias"] == -1
+    extra = scores(WHO + "<A> Ann <A> Bob <A> Carl", WHO + "<A> Bob <A> Ann")
+    assert_set(extra, 2 / 3, 1)
+    assert extra["cardinality_error"] == 1 and extra["cardinality_bias"] == 1
+
+
+def test_missing_and_extra_questions():
+    # Scores are per reference question: the missing second question scores 0.
+    missing = scores(WHO + "<A> Ann", WHO + "<A> Ann <QA> Where? <A> Paris <A> Rome")
+    assert_set(missing, 0.5, 0.5, 0.5)
+    assert missing["cardinality_error"] == pytest.approx(1.0)  # (0 + 2) / 2
+    assert (missing["questions_expected"], missing["questions_predicted"], missing["questions_matched"]) == (2, 1, 1)
+    # An extra predicted question adds no reference question: it shows only in the question counts.
+    extra = scores(WHO + "<A> Ann <QA> Where? <A> Paris", WHO + "<A> Ann")
+    assert_set(extra, 1, 1)
+    assert extra["questions_predicted"] == 2 and extra["questions_expected"] == 1
+
+
+def test_questions_paired_by_position_not_text():
+    result = scores("<QA> Where? <A> Paris <QA> Who? <A> Ann", "<QA> Who? <A> Ann <QA> Where? <A> Paris")
+    assert result["set_f1"] == 0 and result["questions_matched"] == 0
+
+
+def test_duplicates_count_once_in_sets_but_in_cardinality():
+    result = scores(WHO + "<A> Ann <A> ann. <A> ANN", WHO + "<A> Ann")
+    assert_set(result, 1, 1)
+    assert result["cardinality_error"] == 2
+
+
+def test_unparseable_and_empty_outputs():
+    reference = WHO + "<A> Ann <A> Bob"
+    for prediction in ("I do not know.", "", "Ann, Bob"):
+        result = scores(prediction, reference)
+        assert result["parse_failures"] == 1
+        assert result["set_f1"] == 0 and result["soft_f1"] == 0 and result["cardinality_error"] == 2
+    empty = answer_set_scores(["", ""], ["", ""])
+    assert empty["set_f1"] == 0 and empty["questions_expected"] == 0
+    assert empty["parse_failures"] == empty["reference_parse_failures"] == empty["num_examples"] == 2
+
+
+def test_empty_answer_sets():
+    assert_set(scores("<QA> Who?", "<QA> Who?"), 1, 1, 1)  # nothing to answer, nothing answered
+    assert_set(scores("<QA> Who? <A> Ann", "<QA> Who?"), 0, 0, 0)
+    assert_set(scores("<QA> Who", "<QA> Who? <A> Ann"), 0, 0, 0)  # no question end: no answers
+
+
+def test_normalization_and_unicode():
+    assert_set(scores(WHO + "<A> The Beatles <A> «Genève» <A> ZÜRICH", WHO + "<A> beatles <A> genève <A> zürich"), 1, 1)
+    assert_set(scores(WHO + "<A> Zurich", WHO + "<A> Zürich"), 0, 0, 0)  # accents are not stripped
+    # The full-width ？ is not the question end: that reference question has no answers.
+    assert_set(scores("<QA> 誰? <A> 東京 <A> ｱ", "<QA> 誰？ <A> 東京"), 0, 0, 0)
+    assert_set(scores("<QA> 誰? <A> 東京 <A> ｱ", "<QA> 誰? <A> 東京"), 0.5, 1)
+    assert normalize_answer("ｱ") == "ア"  # NFKC
+    assert normalize_answer("the") == "the" and normalize_answer("  A   ") == "a"  # nothing left: keep the text
+    assert_set(scores(WHO + "<A> the", WHO + "<A> a"), 0, 0, 0)
+
+
+def test_soft_f1_gives_partial_credit_with_a_one_to_one_matching():
+    partial = scores(WHO + "<A> New York City", WHO + "<A> new york")
+    assert partial["set_f1"] == 0
+    assert partial["soft_f1"] == pytest.approx(0.8)  # token-F1 of 2 common tokens out of 3 and 2
+    # Hungarian pairs "ann smith"-"ann" and "bob"-"bob jones" (2/3 each); each answer is used once.
+    crossed = scores(WHO + "<A> ann smith <A> bob", WHO + "<A> bob jones <A> ann")
+    assert crossed["soft_precision"] == pytest.approx(2 / 3) and crossed["soft_recall"] == pytest.approx(2 / 3)
+    one_for_two = scores(WHO + "<A> ann bob", WHO + "<A> ann <A> bob")
+    assert one_for_two["soft_precision"] == pytest.approx(2 / 3) and one_for_two["soft_recall"] == pytest.approx(1 / 3)
+
+
+def test_averaged_over_reference_questions_of_all_examples():
+    result = answer_set_scores(
+        [WHO + "<A> Ann", "<QA> A? <A> 1 <QA> B? <A> 2 <QA> C? <A> x"],
+        [WHO + "<A> Bob", "<QA> A? <A> 1 <QA> B? <A> 2 <QA> C? <A> 3"],
+    )
+    assert result["set_f1"] == pytest.approx(2 / 4)
+    assert result["num_examples"] == 2 and result["questions_expected"] == 4
+
+
+def test_misaligned_inputs():
+    with pytest.raises(ValueError, match="aligned"):
+        answer_set_scores(["a"], [])
+
+
+def test_custom_separators():
+    result = answer_set_scores(["[Q] who; [ANS] ann [ANS] bob"], ["[Q] who; [ANS] bob [ANS] ann"], "[Q]", "[ANS]", ";")
+    assert_set(result, 1, 1)
+
+
+PIECES = ["<QA>", "<A>", "?", " ?", '?"', " who", " ann", "bob", " the", " ", "   ", ".", "<eos>", " paris", "x"]
+
+
+def visible_text(tokenizer, ids, seps) -> str:
+    """What the eval callback hands to the metrics: the decoded ids without special tokens but the separators."""
+    hidden = set(tokenizer.all_special_ids) - {seps.qa_id, seps.answer_id}
+    return tokenizer.decode([i for i in ids if i not in hidden], skip_special_tokens=False)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=40))
+def test_text_parser_matches_token_parser(tokenizer, seps, pieces):
+    """On tokenized completions, `parse_qa_text` finds the answers `parse_row` and the batch parser find."""
+    ids = tokenizer.encode("".join(pieces), add_special_tokens=False)
+    by_tokens = [
+        [" ".join(tokenizer.decode([t for _, t in answer]).split()) for answer in item]
+        for item in parse_row(ids, list(range(len(ids))), seps)
+    ]
+    by_text = [
+        [" ".join(a.split()) for a in item.answers] for item in parse_qa_text(visible_text(tokenizer, ids, seps))
+    ]
+    assert by_text == by_tokens
+    if ids:  # the batch parser agrees on the number of items and of answer tokens
+        batch = parse_answer_tokens(
+            torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool), seps, len(tokenizer)
+        )
+        assert int(batch.num_items[0]) == len(by_text)
+        assert batch.token.numel() == sum(len(a) for item in parse_row(ids, list(range(len(ids))), seps) for a in item)
+
+
+def test_text_parser_matches_token_parser_on_realistic_rows(tokenizer, seps):
+    from tests.conftest import qa_text
+
+    rng = random.Random(1)
+    for _ in range(50):
+        ids = tokenizer.encode(qa_text(rng) + "<eos>", add_special_tokens=False)
+        by_tokens = [
+            [tokenizer.decode([t for _, t in answer]).strip() for answer in item]
+            for item in parse_row(ids, list(range(len(ids))), seps)
+        ]
+        assert [item.answers for item in parse_qa_text(visible_text(tokenizer, ids, seps))] == by_tokens
