@@ -1,9 +1,19 @@
 """trl-qaloss: an order-invariant answer-set loss for TRL's SFTTrainer."""
 
+from .callbacks import QASetEvalCallback
 from .config import QALossConfig
 from .loss import SetLossOutput, set_matching_loss
+from .metrics import answer_set_scores
 from .separators import QASeparators
 from .trainer import QALossSFTTrainer
 
-__all__ = ["QALossConfig", "QALossSFTTrainer", "QASeparators", "SetLossOutput", "set_matching_loss"]
+__all__ = [
+    "QALossConfig",
+    "QALossSFTTrainer",
+    "QASeparators",
+    "QASetEvalCallback",
+    "SetLossOutput",
+    "answer_set_scores",
+    "set_matching_loss",
+]
 __version__ = "0.1.0"

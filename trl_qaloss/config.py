@@ -24,6 +24,12 @@ class QALossConfig(SFTConfig):
         question_end (`str`, defaults to `"?"`): text that ends a question; every token containing it does.
         set_loss_reduction (`str`, defaults to `"mean"`): `"mean"` divides the summed pair costs by the number of
             target answer tokens, `"sum"` keeps the sum.
+        eval_generate_samples (`int`, defaults to `0`): at each evaluation, complete this many eval prompts (the
+            first rows of the eval dataset, greedy) and log answer-set metrics (`eval_set_f1`, ...; see
+            [`QASetEvalCallback`]). `0` turns it off.
+        eval_max_new_tokens (`int`, defaults to `128`): most tokens generated per eval prompt.
+        eval_generate_batch_size (`int` or `None`, defaults to `None`): prompts per `generate` call; `None` uses
+            `per_device_eval_batch_size`.
     """
 
     lambda_ce: float = field(
@@ -47,6 +53,24 @@ class QALossConfig(SFTConfig):
         },
     )
 
+    eval_generate_samples: int = field(
+        default=0,
+        metadata={
+            "help": "At each evaluation, greedily complete this many eval prompts (the first rows of the eval dataset) "
+            "and log answer-set metrics: eval_set_f1, eval_set_precision, eval_set_recall, eval_soft_f1, "
+            "eval_cardinality_error, eval_parse_failures. 0 turns it off."
+        },
+    )
+    eval_max_new_tokens: int = field(
+        default=128, metadata={"help": "Most tokens generated per eval prompt when `eval_generate_samples > 0`."}
+    )
+    eval_generate_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts per generate call when `eval_generate_samples > 0`; default: per_device_eval_batch_size."
+        },
+    )
+
     def __post_init__(self):
         for name in ("lambda_ce", "lambda_set"):
             value = getattr(self, name)
@@ -62,4 +86,14 @@ class QALossConfig(SFTConfig):
             raise ValueError(f"`qa_token` and `answer_token` must differ; both are {self.qa_token!r}.")
         if self.set_loss_reduction not in REDUCTIONS:
             raise ValueError(f"`set_loss_reduction` must be one of {REDUCTIONS}, got {self.set_loss_reduction!r}.")
+        for name, minimum in (
+            ("eval_generate_samples", 0),
+            ("eval_max_new_tokens", 1),
+            ("eval_generate_batch_size", 1),
+        ):
+            value = getattr(self, name)
+            if value is None and name == "eval_generate_batch_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
         super().__post_init__()

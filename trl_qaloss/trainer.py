@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin,
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
+from .callbacks import QASetEvalCallback
 from .config import QALossConfig
 from .loss import count_target_answer_tokens, reduce_set_loss, set_loss_terms
 from .separators import QASeparators, is_single_token
@@ -43,7 +44,8 @@ class QALossSFTTrainer(SFTTrainer):
     and one pass over those logits serves both terms: the SFT cross-entropy (normalized like `SFTTrainer`, by
     `num_items_in_batch`) and the set loss (normalized by the target answer tokens of the same accumulation window
     and devices). Logged next to TRL's metrics: `ce_loss`, `set_loss`, `set/mean_iou`, `set/matched`,
-    `set/missing`, `set/extra`, `set/target_answers`.
+    `set/missing`, `set/extra`, `set/target_answers`. With `eval_generate_samples > 0`, every evaluation also
+    generates completions and logs answer-set metrics ([`QASetEvalCallback`]).
     """
 
     _tag_names = ["trl", "sft", "trl-qaloss"]
@@ -81,6 +83,8 @@ class QALossSFTTrainer(SFTTrainer):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
         self._set_tokens_in_batch = None
+        if args.eval_generate_samples > 0:
+            self.add_callback(QASetEvalCallback(self))
 
     @staticmethod
     def _check_supported(args: QALossConfig, kwargs: dict) -> None:
