@@ -1,0 +1,110 @@
+"""`format_qas` and dataset loading: the answers the converter writes are the answers the loss reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from trl_qaloss import QASeparators
+from trl_qaloss.data import format_qas, format_qas_dataset, load_qa_dataset
+from trl_qaloss.demo import DATA_DIR, MODEL_DIR
+from trl_qaloss.parsing import parse_row
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer():
+    return AutoTokenizer.from_pretrained(MODEL_DIR)
+
+
+def read_back(completion: str, tokenizer) -> list[list[str]]:
+    """The items and answers `parse_row` reads from the tokenized completion, as text."""
+    seps = QASeparators.from_tokenizer(tokenizer)
+    ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    items = parse_row(ids, list(range(len(ids))), seps)
+    return [[tokenizer.decode([tok for _, tok in answer]).strip() for answer in item] for item in items]
+
+
+def demo_rows(split: str) -> list[dict]:
+    with open(DATA_DIR / f"{split}.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_demo_rows_round_trip_through_the_parser(split, demo_tokenizer):
+    for i, row in enumerate(demo_rows(split)):
+        out = format_qas(row, i)
+        assert out["prompt"] == row["context"]
+        assert read_back(out["completion"], demo_tokenizer) == [qa["answers"] for qa in row["qas"]]
+
+
+def test_round_trip_with_multi_word_answers_and_an_empty_set(tokenizer):
+    qas = [
+        {"question": "Who wrote  it", "answers": ["ann  bob", "carl"]},
+        {"question": "where?", "answers": []},
+        {"question": "what?", "answers": ["the city of paris"]},
+    ]
+    out = format_qas({"prompt": "context:", "qas": qas})
+    assert out["completion"] == " <QA> Who wrote it? <A> ann bob <A> carl <QA> where? <QA> what? <A> the city of paris"
+    assert read_back(out["completion"], tokenizer) == [["ann bob", "carl"], [], ["the city of paris"]]
+
+
+def test_conversational_prompt():
+    prompt = [{"role": "user", "content": "Tell me about x."}]
+    out = format_qas({"prompt": prompt, "qas": [{"question": "who?", "answers": ["a"]}]})
+    assert out == {"prompt": prompt, "completion": [{"role": "assistant", "content": "<QA> who? <A> a"}]}
+
+
+def test_custom_separators():
+    out = format_qas({"context": "c", "qas": [{"question": "q", "answers": ["a"]}]}, qa_token="[Q]", answer_token="[A]")
+    assert out["completion"] == " [Q] q? [A] a"
+
+
+@pytest.mark.parametrize(
+    "row, field",
+    [
+        ({"qas": [{"question": "q?", "answers": ["a"]}]}, r"`context` \(or `prompt`\) is missing"),
+        ({"context": "c"}, "`qas` is missing"),
+        ({"context": "c", "prompt": "p", "qas": []}, "both `context` and `prompt`"),
+        ({"context": "c", "qas": []}, "`qas` must be a non-empty list"),
+        ({"context": "c", "qas": [{"answers": ["a"]}]}, r"`qas\[0\].question` is missing"),
+        ({"context": "c", "qas": [{"question": "q?", "answers": ["a"]}, {"question": "r?"}]}, r"`qas\[1\].answers`"),
+        ({"context": "c", "qas": [{"question": "q?", "answers": "a"}]}, r"`qas\[0\].answers` must be a list"),
+        ({"context": "c", "qas": [{"question": "q?", "answers": ["a", 3]}]}, r"`qas\[0\].answers\[1\]` must be a str"),
+        ({"context": "c", "qas": [{"question": "q?", "answers": ["a", " "]}]}, r"`qas\[0\].answers\[1\]` is empty"),
+        ({"context": "c", "qas": [{"question": "q?", "answers": ["a <A> b"]}]}, r"answers\[0\]` contains the sep"),
+        ({"context": "c", "qas": [{"question": "what? why?", "answers": ["a"]}]}, r"`qas\[0\].question` contains"),
+        ({"context": 3, "qas": [{"question": "q?", "answers": ["a"]}]}, "`context` must be a string"),
+    ],
+)
+def test_bad_rows_name_the_row_and_the_field(row, field):
+    with pytest.raises(ValueError, match=f"Row 7 of f.jsonl: .*{field}"):
+        format_qas(row, 7, source="f.jsonl")
+
+
+def test_local_jsonl_is_converted_and_bad_rows_are_named(tmp_path):
+    good = {"context": "c", "qas": [{"question": "q", "answers": ["a", "b"]}]}
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"context": "d", "qas": None}) + "\n")
+    with pytest.raises(ValueError, match=r"Row 1 of .*qa.jsonl \[train\]: field `qas` is missing"):
+        load_qa_dataset(str(path))
+    path.write_text(json.dumps(good) + "\n")
+    dataset = load_qa_dataset(str(path))
+    assert dataset["train"].column_names == ["prompt", "completion"]
+    assert dataset["train"][0]["completion"] == " <QA> q? <A> a <A> b"
+
+
+def test_demo_directory_loads_both_splits():
+    dataset = load_qa_dataset(str(DATA_DIR))
+    assert dataset["train"].num_rows == 400 and dataset["test"].num_rows == 80
+    assert set(dataset["test"].column_names) == {"prompt", "completion"}
+
+
+def test_trl_formats_pass_through_and_unknown_columns_fail():
+    from datasets import Dataset
+
+    rows = Dataset.from_list([{"prompt": "p", "completion": " <QA> q? <A> a"}])
+    assert format_qas_dataset(rows) is rows
+    with pytest.raises(ValueError, match=r"columns \['question'\]"):
+        format_qas_dataset(Dataset.from_list([{"question": "q"}]))

@@ -1,0 +1,30 @@
+"""The offline demo's assets, shipped inside the package so `trl-qaloss train` runs anywhere after `pip install`.
+
+Layout (made by `python -m trl_qaloss.demo.make_demo`, deterministic given its seed):
+
+- `model/`: a tiny Llama (`config.json`, `model.safetensors`: pretrained by the generator on plain-text facts of the
+  demo's world) and its byte-level BPE tokenizer (`tokenizer.json`, `tokenizer_config.json`) with `<QA>` and `<A>`
+  as special tokens;
+- `data/train.jsonl` (400 rows), `data/eval.jsonl` (80 rows): structured rows
+  `{"context", "qas": [{"question", "answers"}]}` about the same world, each answer list in random order;
+- `demo-cpu.yaml`: the default recipe, a copy of `recipes/demo-cpu.yaml`.
+
+Recipes name these files as `trl_qaloss/demo/...`; `resolve_demo_path` finds them inside the installed package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).resolve().parent
+MODEL_DIR = DEMO_DIR / "model"
+DATA_DIR = DEMO_DIR / "data"
+DEFAULT_RECIPE = DEMO_DIR / "demo-cpu.yaml"
+PREFIX = "trl_qaloss/demo/"
+
+
+def resolve_demo_path(value: str | None) -> str | None:
+    """`trl_qaloss/demo/<rest>` -> the absolute path of `<rest>` in the installed package; anything else unchanged."""
+    if isinstance(value, str) and value.replace("\\", "/").startswith(PREFIX):
+        return str(DEMO_DIR / value[len(PREFIX) :])
+    return value
