@@ -66,6 +66,7 @@ def test_missing_and_extra_questions():
     assert_set(missing, 0.5, 0.5, 0.5)
     assert missing["cardinality_error"] == pytest.approx(1.0)  # (0 + 2) / 2
     assert (missing["questions_expected"], missing["questions_predicted"], missing["questions_matched"]) == (2, 1, 1)
+    assert missing["matched_question_set_f1"] == 1.0
     # An extra predicted question adds no reference question: it shows only in the question counts.
     extra = scores(WHO + "<A> Ann <QA> Where? <A> Paris", WHO + "<A> Ann")
     assert_set(extra, 1, 1)
@@ -74,7 +75,9 @@ def test_missing_and_extra_questions():
 
 def test_questions_paired_by_position_not_text():
     result = scores("<QA> Where? <A> Paris <QA> Who? <A> Ann", "<QA> Who? <A> Ann <QA> Where? <A> Paris")
-    assert result["set_f1"] == 0 and result["questions_matched"] == 0
+    assert result["set_f1"] == 0 and result["questions_matched"] == 0 and result["matched_question_set_f1"] == 0
+    half = scores("<QA> Who? <A> Ann <QA> When? <A> 1990", "<QA> Who? <A> Ann <A> Bob <QA> Where? <A> 1990")
+    assert half["set_f1"] == pytest.approx((2 / 3 + 1) / 2) and half["matched_question_set_f1"] == pytest.approx(2 / 3)
 
 
 def test_duplicates_count_once_in_sets_but_in_cardinality():

@@ -19,6 +19,9 @@ Normalization is SQuAD's, made Unicode-aware: NFKC, lowercase, drop punctuation 
 articles a/an/the, collapse whitespace. An answer that normalizes to nothing (`"the"`, `"..."`) keeps its lowercased,
 whitespace-collapsed text, so it still only matches itself.
 
+`matched_question_set_f1` is `set_f1` averaged only over the reference questions whose paired predicted question
+is the same after normalization: how good the answer sets are when the model asks the right question (0.0 if none is).
+
 Counts over all examples: `questions_expected` (reference items), `questions_predicted` (predicted items),
 `questions_matched` (pairs whose normalized questions are equal), `parse_failures` (predictions with no item, e.g. no
 `<QA>` at all) and `reference_parse_failures` (references with no item: they add no question). `num_examples` is the
@@ -107,6 +110,7 @@ def answer_set_scores(
     sums = dict.fromkeys(SCORE_KEYS, 0.0)
     counts = dict.fromkeys(COUNT_KEYS, 0.0)
     counts["num_examples"] = float(len(predictions))
+    matched_f1 = 0.0
     for prediction, reference in zip(predictions, references, strict=True):
         pred_items = parse_qa_text(prediction, qa_token, answer_token, question_end)
         ref_items = parse_qa_text(reference, qa_token, answer_token, question_end)
@@ -121,13 +125,17 @@ def answer_set_scores(
                 sums["cardinality_bias"] -= num_ref
                 continue
             pred_item = pred_items[k]
-            counts["questions_matched"] += normalize_answer(pred_item.question) == normalize_answer(ref_item.question)
             scores = _pair_scores(
                 {normalize_answer(a) for a in pred_item.answers}, {normalize_answer(a) for a in ref_item.answers}
             )
+            if normalize_answer(pred_item.question) == normalize_answer(ref_item.question):
+                counts["questions_matched"] += 1
+                matched_f1 += scores[2]
             for key, value in zip(SCORE_KEYS[:6], scores, strict=True):
                 sums[key] += value
             sums["cardinality_error"] += abs(len(pred_item.answers) - num_ref)
             sums["cardinality_bias"] += len(pred_item.answers) - num_ref
     num_questions = max(counts["questions_expected"], 1.0)
-    return {**{key: value / num_questions for key, value in sums.items()}, **counts}
+    scores = {key: value / num_questions for key, value in sums.items()}
+    scores["matched_question_set_f1"] = matched_f1 / max(counts["questions_matched"], 1.0)
+    return {**scores, **counts}
