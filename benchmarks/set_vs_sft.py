@@ -118,9 +118,10 @@ def run(method: str, seed: int, args: argparse.Namespace, out_dir: str) -> dict:
     return {"final": final, "curves": curves, "seconds": seconds}
 
 
-def mean_std(values: list[float], fmt: str) -> str:
+def mean_std(values: list[float], fmt: str, signed: bool = False) -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(std)}"
+    mean = fmt.format(statistics.mean(values))
+    return f"{'+' if signed and not mean.startswith('-') else ''}{mean} ± {fmt.format(std)}"
 
 
 def write_table(results: dict, args: argparse.Namespace, wall: float, path: Path) -> None:
@@ -138,7 +139,7 @@ def write_table(results: dict, args: argparse.Namespace, wall: float, path: Path
     for key, label, fmt in METRICS:
         per_method = [[results[m][s]["final"][key] for s in seeds] for m in names]
         diffs = [b - a for a, b in zip(*per_method, strict=True)]
-        cells = [mean_std(v, fmt) for v in per_method] + [mean_std(diffs, "{:+.3f}" if "3f" in fmt else fmt)]
+        cells = [mean_std(v, fmt) for v in per_method] + [mean_std(diffs, fmt, signed=True)]
         lines.append(f"| {label.format(**counts)} | {' | '.join(cells)} |")
     lines += ["", "Per seed (set-F1 / held-out cross-entropy):", "", f"| seed | {' | '.join(names)} |",
               "|---|" + "---:|" * len(names)]  # fmt: skip
@@ -178,11 +179,13 @@ def plot(results: dict, args: argparse.Namespace, path: Path) -> None:
             ax.plot(steps, values.mean(0), color=color, label=method, marker="o" if x_key == "step" else None)
             ax.fill_between(steps, values.min(0).values, values.max(0).values, color=color, alpha=0.2)
         ax.set_title(title)
+        if key == "train_ce":
+            ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in axes[:2]:
         ax.set_ylim(0, 1)
-    axes[0].legend(loc="lower right")
+    axes[0].legend(loc="upper right")
     fig.suptitle(f"Demo data, held-out split, {len(args.seeds)} seeds: mean (line) and min-max (band)")
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
