@@ -8,6 +8,7 @@ import torch
 from accelerate.utils import gather_object
 from transformers import GenerationConfig, ProcessorMixin, TrainerCallback
 from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import pad
 
 from .metrics import answer_set_scores
 
@@ -118,10 +119,11 @@ class QASetEvalCallback(TrainerCallback):
                 eos_token_id=sorted(eos_ids), use_cache=True,
             )  # fmt: skip
             for start in range(0, len(prompts), self.batch_size):
-                batch = tokenizer.pad(
-                    {"input_ids": prompts[start : start + self.batch_size]}, padding_side="left", return_tensors="pt"
-                ).to(model.device)
-                generated = model.generate(**batch, generation_config=config)[:, batch["input_ids"].size(1) :]
+                chunk = [torch.tensor(p) for p in prompts[start : start + self.batch_size]]
+                input_ids = pad(chunk, padding_value=pad_id, padding_side="left").to(model.device)
+                attention_mask = pad([torch.ones_like(p) for p in chunk], padding_side="left").to(model.device)
+                generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+                generated = generated[:, input_ids.size(1) :]
                 for ids in generated.tolist():
                     cut = next((i for i, token in enumerate(ids) if token in eos_ids), len(ids))
                     completions.append(self._text(ids[:cut]))
