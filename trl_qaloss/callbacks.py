@@ -66,7 +66,9 @@ class QASetEvalCallback(TrainerCallback):
         self.separators = tuple(getattr(args, name, default) for name, default in
                                 (("qa_token", "<QA>"), ("answer_token", "<A>"), ("question_end", "?")))  # fmt: skip
         if self.num_samples < 1:
-            raise ValueError(f"`eval_generate_samples` must be at least 1 to evaluate answer sets, got {num_samples}.")
+            raise ValueError(
+                f"`eval_generate_samples` must be at least 1 to evaluate answer sets, got {self.num_samples}."
+            )
         if trainer.eval_dataset is None:
             raise ValueError("`eval_generate_samples > 0` needs an `eval_dataset` to take the prompts from; pass one.")
         packing = getattr(args, "eval_packing", None)
