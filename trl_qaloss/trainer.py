@@ -12,7 +12,7 @@ from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
 from .config import QALossConfig
-from .loss import count_target_answer_tokens, reduce_set_loss, set_loss_terms
+from .loss import count_target_answer_tokens, reduce_set_loss, seq_starts_from, set_loss_terms
 from .separators import QASeparators, is_single_token
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,9 @@ class QALossSFTTrainer(SFTTrainer):
         self._set_tokens_in_batch = None
         if self.args.lambda_set > 0 and num_items_in_batch is not None:
             count = sum(
-                count_target_answer_tokens(batch["labels"][:, 1:], self.separators)
+                count_target_answer_tokens(
+                    batch["labels"][:, 1:], self.separators, seq_starts_from(batch.get("position_ids"))
+                )
                 for batch in batch_samples
                 if "labels" in batch
             )
@@ -156,7 +158,11 @@ class QALossSFTTrainer(SFTTrainer):
             forward_inputs["logits_to_keep"] = labels.size(1) - first
         outputs = model(**forward_inputs)
         targets = labels[:, first + 1 :]  # logits[:, j] predicts targets[:, j]
-        terms = set_loss_terms(outputs.logits, targets, self.separators, with_sft=True, with_entropy=True)
+        # Packed (padding-free) rows: each position id 0 starts a sequence, so no item spans two of them.
+        seq_starts = seq_starts_from(inputs.get("position_ids"), first)
+        terms = set_loss_terms(
+            outputs.logits, targets, self.separators, with_sft=True, with_entropy=True, seq_starts=seq_starts
+        )
 
         nll_sum = -terms.sft_log_probs.sum()
         num_tokens = terms.rows_b.numel()
