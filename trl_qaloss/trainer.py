@@ -12,6 +12,7 @@ from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
 from .config import QALossConfig
+from .data_checks import check_columns, check_set_targets
 from .loss import count_target_answer_tokens, reduce_set_loss, seq_starts_from, set_loss_terms
 from .separators import QASeparators, is_single_token
 
@@ -72,23 +73,38 @@ class QALossSFTTrainer(SFTTrainer):
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError("`processing_class` must be a tokenizer or a processor that holds one.")
         if args.lambda_set > 0:
-            self._check_supported(args, kwargs)
+            self._check_supported(args, kwargs, positional)
+            self._check_datasets(args, train_dataset, eval_dataset, kwargs.get("formatting_func") is not None)
             self._add_separator_tokens(model, tokenizer, args, peft_config)
 
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *positional,
                          peft_config=peft_config, **kwargs)  # fmt: skip
         self.separators = QASeparators.from_tokenizer(tokenizer, args.qa_token, args.answer_token, args.question_end)
+        if args.lambda_set > 0 and self.train_dataset is not None:
+            check_set_targets(self.train_dataset, self.separators, tokenizer, "train_dataset", args)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
         self._set_tokens_in_batch = None
 
     @staticmethod
-    def _check_supported(args: QALossConfig, kwargs: dict) -> None:
+    def _check_datasets(args: QALossConfig, train_dataset, eval_dataset, has_formatting_func: bool) -> None:
+        datasets = {"train_dataset": train_dataset}
+        if isinstance(eval_dataset, dict):
+            datasets.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
+        else:
+            datasets["eval_dataset"] = eval_dataset
+        for name, dataset in datasets.items():
+            if dataset is not None:
+                check_columns(dataset, name, args.dataset_text_field, has_formatting_func)
+
+    @staticmethod
+    def _check_supported(args: QALossConfig, kwargs: dict, positional: tuple = ()) -> None:
         if args.loss_type != "nll":
             raise ValueError(f"`loss_type={args.loss_type!r}` is not supported with `lambda_set > 0`; use 'nll'.")
         if args.label_smoothing_factor > 0:
             raise ValueError("`label_smoothing_factor > 0` is not supported with `lambda_set > 0`; set it to 0.")
-        if kwargs.get("compute_loss_func") is not None:
+        # `compute_loss_func` follows `processing_class` in SFTTrainer's signature.
+        if kwargs.get("compute_loss_func", positional[0] if positional else None) is not None:
             raise ValueError("`compute_loss_func` replaces the loss; it cannot be combined with `lambda_set > 0`.")
 
     @staticmethod
