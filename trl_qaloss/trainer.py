@@ -45,6 +45,16 @@ class QALossSFTTrainer(SFTTrainer):
     `num_items_in_batch`) and the set loss (normalized by the target answer tokens of the same accumulation window
     and devices). Logged next to TRL's metrics: `ce_loss`, `set_loss`, `set/mean_iou`, `set/matched`,
     `set/missing`, `set/extra`, `set/target_answers`.
+
+    Normalization across micro-batches and devices: whenever the Trainer passes `num_items_in_batch` (the labelled
+    tokens of the whole accumulation window, summed over processes with `average_tokens_across_devices`), each
+    micro-batch's set sum is divided by the target answer tokens counted over that same window and processes
+    (reduction "mean"), or left a plain sum ("sum"), and the loss is scaled by the number of processes exactly as
+    `Trainer.compute_loss` scales the CE term, since DDP averages gradients. A step thus gets the gradients of one
+    batch holding the whole window, however it is split. Without `num_items_in_batch` (a model without loss kwargs),
+    both terms are micro-batch means and the Trainer divides them by the accumulation steps.
+
+    Packed (padding-free) batches carry `position_ids`; each 0 there starts a sequence, and no item spans two.
     """
 
     _tag_names = ["trl", "sft", "trl-qaloss"]
