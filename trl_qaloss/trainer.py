@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin,
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
+from .checkpoints import resolve_resume_checkpoint
 from .config import QALossConfig
 from .data_checks import check_columns, check_set_targets
 from .loss import count_target_answer_tokens, reduce_set_loss, seq_starts_from, set_loss_terms
@@ -95,6 +96,11 @@ class QALossSFTTrainer(SFTTrainer):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
         self._set_tokens_in_batch = None
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` skips checkpoints a killed run left half-written."""
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     @staticmethod
     def _check_datasets(args: QALossConfig, train_dataset, eval_dataset, has_formatting_func: bool) -> None:
