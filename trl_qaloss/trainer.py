@@ -53,7 +53,7 @@ class QALossSFTTrainer(SFTTrainer):
     (reduction "mean"), or left a plain sum ("sum"), and the loss is scaled by the number of processes exactly as
     `Trainer.compute_loss` scales the CE term, since DDP averages gradients. A step thus gets the gradients of one
     batch holding the whole window, however it is split. Without `num_items_in_batch` (a model without loss kwargs),
-    both terms are micro-batch means and the Trainer divides them by the accumulation steps.
+    both terms are reduced per micro-batch and the Trainer divides the loss by the accumulation steps.
 
     Packed (padding-free) batches carry `position_ids`; each 0 there starts a sequence, and no item spans two.
     """
