@@ -221,10 +221,11 @@ def test_extreme_logits_stay_finite(dtype, scale, masked):
         torch.testing.assert_close(out.loss, ref.loss.float(), rtol=1e-3, atol=1e-3)
 
 
-def test_garbage_predictions_train_without_crashing(tmp_path):
+@pytest.mark.parametrize("precision", [{}, {"bf16": True}])
+def test_garbage_predictions_train_without_crashing(tmp_path, precision):
     """A randomly initialised model predicts no well-formed item: every target answer is missing, training goes on."""
     tokenizer = build_tokenizer()
-    args = qa_config(tmp_path, max_steps=3, learning_rate=5e-2)
+    args = qa_config(tmp_path, max_steps=3, learning_rate=5e-2, **precision)
     trainer = QALossSFTTrainer(model=tiny_llama(len(tokenizer), seed=3), args=args, train_dataset=qa_dataset(12),
                                processing_class=tokenizer)  # fmt: skip
     trainer.train()
