@@ -108,7 +108,7 @@ def test_trainer_with_packing(tokenizer, tmp_path, dataset_kind):
         # Sequences start right at `<QA>`, the token the collator masks at each sequence start.
         dataset = Dataset.from_list([{"text": r["completion"].strip()} for r in dataset])
     args = qa_config(
-        tmp_path, packing=True, max_length=96, per_device_train_batch_size=3, set_loss_reduction="sum", max_steps=3
+        tmp_path, packing=True, max_length=96, per_device_train_batch_size=3, set_loss_reduction="sum", max_steps=2
     )
     trainer = QALossSFTTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=dataset,
                                processing_class=tokenizer)  # fmt: skip
@@ -120,9 +120,10 @@ def test_trainer_with_packing(tokenizer, tmp_path, dataset_kind):
     for key in ("set_loss", "set/target_answers", "set/matched", "set/missing", "set/extra"):
         assert packed[key] == pytest.approx(sum(p[key] for p in parts), rel=1e-4), key
     assert packed["set/target_answers"] > 0
-    trainer.train()
-    logs = [e for e in trainer.state.log_history if "set_loss" in e]
-    assert len(logs) == 3 and all(torch.isfinite(torch.tensor([e["loss"], e["set_loss"]])).all() for e in logs)
+    if dataset_kind == "text":
+        trainer.train()
+        logs = [e for e in trainer.state.log_history if "set_loss" in e]
+        assert len(logs) == 2 and all(torch.isfinite(torch.tensor([e["loss"], e["set_loss"]])).all() for e in logs)
 
 
 def test_left_and_right_padding_give_the_same_loss(tokenizer, tmp_path):

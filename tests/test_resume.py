@@ -14,7 +14,7 @@ from tests.conftest import build_tokenizer, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer
 from trl_qaloss.checkpoints import is_complete_checkpoint
 
-STEPS, SAVE_STEPS = 6, 3
+STEPS, SAVE_STEPS = 4, 2
 
 
 class StopAt(TrainerCallback):
@@ -30,10 +30,10 @@ class StopAt(TrainerCallback):
 
 def make_trainer(output_dir, callbacks=()):
     tokenizer = build_tokenizer()
-    # 8 rows in batches of 2: the resumed run must also restore the data order inside the second epoch.
+    # 6 rows in batches of 2: the resumed run ends the first epoch and must restore the second one's data order.
     args = qa_config(output_dir, max_steps=STEPS, save_strategy="steps", save_steps=SAVE_STEPS,
                      per_device_train_batch_size=2, learning_rate=1e-2)  # fmt: skip
-    return QALossSFTTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=qa_dataset(8),
+    return QALossSFTTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=qa_dataset(6),
                             processing_class=tokenizer, callbacks=list(callbacks))  # fmt: skip
 
 
@@ -64,17 +64,16 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
     # transformers alone would resume from the highest-numbered directory, whatever it holds.
     assert get_last_checkpoint(str(tmp_path / "run")) == str(half)
 
+    match = rf"checkpoint-{SAVE_STEPS + 2}.*not a complete checkpoint.*Resume from .*checkpoint-{SAVE_STEPS}'"
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path / "run").train(resume_from_checkpoint=str(half))
+
     resumed = make_trainer(tmp_path / "run")
     resumed.train(resume_from_checkpoint=True)
     after = curve(resumed, first_step=SAVE_STEPS + 1)
     assert sorted(after) == list(range(SAVE_STEPS + 1, STEPS + 1))
     for step, values in after.items():
         assert values == pytest.approx(expected[step], rel=1e-5), step
-
-    with pytest.raises(
-        ValueError, match=rf"checkpoint-{SAVE_STEPS + 2}.*not a complete checkpoint.*checkpoint-{STEPS}"
-    ):
-        make_trainer(tmp_path / "run").train(resume_from_checkpoint=str(half))
 
 
 def test_resume_without_a_complete_checkpoint(tmp_path):
