@@ -74,6 +74,7 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
     assert sorted(after) == list(range(SAVE_STEPS + 1, STEPS + 1))
     for step, values in after.items():
         assert values == pytest.approx(expected[step], rel=1e-5), step
+    assert is_complete_checkpoint(half)  # the resumed run saved over it
 
 
 def test_resume_without_a_complete_checkpoint(tmp_path):
