@@ -104,13 +104,14 @@ def batches(draw):
     logits[:, :-1].scatter_(2, predicted[:, 1:, None], 6.0)
     position_ids = None
     if length > 1 and draw(st.booleans()):
-        # Each row cut into sequences; the collator masks the label at each sequence start.
+        # Each row cut into sequences.
         position_ids = torch.zeros_like(labels)
         for b in range(len(rows)):
             cuts = sorted(set(draw(st.lists(st.integers(1, length - 1), max_size=3))))
             for s, e in zip([0] + cuts, cuts + [length], strict=True):
                 position_ids[b, s:e] = torch.arange(e - s)
-        labels[position_ids == 0] = -100
+        if draw(st.booleans()):  # as TRL's collator does; a caller may also leave them
+            labels[position_ids == 0] = -100
     return logits, labels, position_ids
 
 

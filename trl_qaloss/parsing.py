@@ -36,7 +36,11 @@ class AnswerTokens:
     item: torch.Tensor
     answer: torch.Tensor
     num_items: torch.Tensor
-    seq: torch.Tensor
+    seq: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.seq is None:  # rows that are not packed: each row is one sequence
+            self.seq = self.row
 
     def select(self, keep: torch.Tensor) -> AnswerTokens:
         return AnswerTokens(
