@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -198,3 +199,12 @@ def test_assistant_only_loss_multi_turn(tokenizer, tmp_path):
     batch = next(iter(trainer.get_train_dataloader()))
     _, metrics = step_metrics(trainer, batch)
     assert metrics["set/target_answers"] == 2 * sum(count_answers(c) for r, c in turns if r == "assistant")
+
+
+def test_wrapped_packing_warns(tokenizer, tmp_path, caplog):
+    """Wrapped packing without padding-free leaves no sequence boundaries in the batch: the user is told."""
+    args = qa_config(tmp_path, packing=True, packing_strategy="wrapped", max_length=64)
+    with caplog.at_level(logging.WARNING, logger="trl_qaloss.trainer"):
+        QALossSFTTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=qa_dataset(8),
+                         processing_class=tokenizer)  # fmt: skip
+    assert "packing_strategy='wrapped' without padding_free" in caplog.text

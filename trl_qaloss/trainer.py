@@ -93,6 +93,13 @@ class QALossSFTTrainer(SFTTrainer):
         self.separators = QASeparators.from_tokenizer(tokenizer, args.qa_token, args.answer_token, args.question_end)
         if args.lambda_set > 0 and self.train_dataset is not None:
             check_set_targets(self.train_dataset, self.separators, tokenizer, "train_dataset", args)
+        if args.lambda_set > 0 and args.packing and not self.padding_free:
+            logger.warning(
+                "packing_strategy=%r without padding_free packs documents into rows without sequence boundaries, so "
+                "the set loss pairs the items of a row across its documents. Use packing_strategy='bfd' (the "
+                "default) or padding_free=True.",
+                args.packing_strategy,
+            )
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
         self._set_tokens_in_batch = None
