@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
@@ -74,8 +75,9 @@ class QALossConfig(SFTConfig):
     def __post_init__(self):
         for name in ("lambda_ce", "lambda_set"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0 or value != value:
-                raise ValueError(f"`{name}` must be a non-negative number, got {value!r}.")
+            # bool is an int, and an infinite weight gives an infinite loss at the first step.
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"`{name}` must be a finite non-negative number, got {value!r}.")
         if self.lambda_ce == 0 and self.lambda_set == 0:
             raise ValueError("`lambda_ce` and `lambda_set` are both 0: nothing would be trained. Set one above 0.")
         for name in ("qa_token", "answer_token", "question_end"):
@@ -84,6 +86,10 @@ class QALossConfig(SFTConfig):
                 raise ValueError(f"`{name}` must be a non-empty string, got {value!r}.")
         if self.qa_token == self.answer_token:
             raise ValueError(f"`qa_token` and `answer_token` must differ; both are {self.qa_token!r}.")
+        if self.question_end in (self.qa_token, self.answer_token):
+            raise ValueError(
+                f"`question_end`={self.question_end!r} is a separator; set it to the text ending questions, e.g. '?'."
+            )
         if self.set_loss_reduction not in REDUCTIONS:
             raise ValueError(f"`set_loss_reduction` must be one of {REDUCTIONS}, got {self.set_loss_reduction!r}.")
         for name, minimum in (

@@ -9,7 +9,7 @@ import torch
 
 from .logprobs import selected_log_probs, vocab_stats
 from .matching import AnswerSetMatcher, AnswerSets, group_answers
-from .parsing import AnswerTokens, parse_answer_tokens
+from .parsing import AnswerTokens, parse_answer_tokens, sequence_index
 from .separators import QASeparators
 
 REDUCTIONS = ("mean", "sum")
@@ -50,7 +50,9 @@ class SetLossTerms:
     sft_log_probs: torch.Tensor | None = None
 
 
-def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> None:
+def _check_inputs(
+    logits: torch.Tensor, targets: torch.Tensor, reduction: str, position_ids: torch.Tensor | None = None
+) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
     if logits.dim() != 3 or targets.dim() != 2 or logits.shape[0] != targets.shape[0]:
@@ -59,6 +61,10 @@ def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -
         )
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a float tensor, got {logits.dtype}.")
+    if position_ids is not None and position_ids.shape != targets.shape:
+        raise ValueError(
+            f"`position_ids` must have the labels' shape {tuple(targets.shape)}, got {tuple(position_ids.shape)}."
+        )
 
 
 def set_loss_terms(
@@ -67,6 +73,7 @@ def set_loss_terms(
     seps: QASeparators,
     with_sft: bool = False,
     with_entropy: bool = False,
+    seq_starts: torch.Tensor | None = None,
 ) -> SetLossTerms:
     """The set loss of a batch whose rows are already shifted: `logits[b, p]` predicts `targets[b, p]`.
 
@@ -77,6 +84,8 @@ def set_loss_terms(
         with_sft: also return the log-probabilities of every valid target token (`sft_log_probs`, `[R]`), from the
             same pass over the logits and the same backward.
         with_entropy: also compute the entropy of every valid position (no gradient).
+        seq_starts: optional `[B, P]` bool, True at the targets that start a packed sequence (see `seq_starts_from`):
+            items never span two sequences, and are paired per sequence.
     """
     batch, num_pos = targets.shape
     vocab_size = logits.size(-1)
@@ -88,19 +97,20 @@ def set_loss_terms(
     predictions = torch.zeros_like(targets)
     predictions[rows_b, rows_p] = argmax
 
-    target_tokens = parse_answer_tokens(targets, valid, seps, vocab_size)
-    pred_tokens = parse_answer_tokens(predictions, valid, seps, vocab_size)
-    # The k-th predicted item is paired with the k-th target item; extra predicted items are ignored.
+    target_tokens = parse_answer_tokens(targets, valid, seps, vocab_size, seq_starts)
+    pred_tokens = parse_answer_tokens(predictions, valid, seps, vocab_size, seq_starts)
+    # The k-th predicted item of a sequence is paired with its k-th target item; extra predicted items are ignored.
     num_items = target_tokens.num_items
-    item_offset = num_items.cumsum(0) - num_items  # [B]
-    pred_tokens = pred_tokens.select(pred_tokens.item <= num_items[pred_tokens.row])
+    item_offset = num_items.cumsum(0) - num_items  # [S]
+    pred_tokens = pred_tokens.select(pred_tokens.item <= num_items[pred_tokens.seq])
     total_items = int(num_items.sum())
-    target = group_answers(target_tokens, item_offset[target_tokens.row] + target_tokens.item - 1, total_items)
-    pred = group_answers(pred_tokens, item_offset[pred_tokens.row] + pred_tokens.item - 1, total_items)
+    target = group_answers(target_tokens, item_offset[target_tokens.seq] + target_tokens.item - 1, total_items)
+    pred = group_answers(pred_tokens, item_offset[pred_tokens.seq] + pred_tokens.item - 1, total_items)
     matching = AnswerSetMatcher()(pred_tokens, pred, target_tokens, target)
 
+    seq_of = None if seq_starts is None else sequence_index(seq_starts, valid.shape, device)
     entry_b, entry_p, entry_y, num_uniform = _pair_entries(
-        matching.matched_pred, matching.matched_target, pred_tokens, pred, target_tokens, target, valid
+        matching.matched_pred, matching.matched_target, pred_tokens, pred, target_tokens, target, valid, seq_of
     )
     # A pair token read at an invalid position, and every token of a missing answer, costs log(V): a uniform guess.
     num_uniform = num_uniform + int(target.length[matching.missing_target].sum())
@@ -136,11 +146,13 @@ def _pair_entries(
     target_tokens: AnswerTokens,
     target: AnswerSets,
     valid: torch.Tensor,
+    seq_of: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The (row, position, target token) read by every matched pair, and how many pair tokens fall off valid positions.
 
     Target answer j (tokens y_0..y_{L-1}) matched with predicted answer i starting at position s reads position s + t
-    for y_t: the prediction is scored against the target's tokens from where it started.
+    for y_t: the prediction is scored against the target's tokens from where it started. With `seq_of` (`[B, P]`
+    sequence index of every position), a position of another sequence counts as off the valid positions.
     """
     device = target.length.device
     lengths = target.length[matched_target]  # [M]
@@ -150,12 +162,19 @@ def _pair_entries(
     row = target_tokens.row[target_entry]
     start = pred_tokens.pos[pred.entry_start[matched_pred]][pair_of]
     pos = start + offset
-    at_valid = (pos < valid.size(1)) & valid[row, pos.clamp(max=valid.size(1) - 1)]
+    clamped = pos.clamp(max=valid.size(1) - 1)
+    at_valid = (pos < valid.size(1)) & valid[row, clamped]
+    if seq_of is not None:
+        at_valid &= seq_of[row, clamped] == seq_of[row, start]
     return row[at_valid], pos[at_valid], target_tokens.token[target_entry][at_valid], int((~at_valid).sum())
 
 
 def set_matching_loss(
-    logits: torch.Tensor, labels: torch.Tensor, seps: QASeparators, reduction: str = "mean"
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    seps: QASeparators,
+    reduction: str = "mean",
+    position_ids: torch.Tensor | None = None,
 ) -> SetLossOutput:
     """Order-invariant set-matching loss of a causal LM's teacher-forced predictions.
 
@@ -165,9 +184,11 @@ def set_matching_loss(
         seps: from `QASeparators.from_tokenizer`.
         reduction: `"sum"` of all pair costs, or `"mean"`: that sum over the number of target answer tokens
             (0 when there are none).
+        position_ids: optional `[B, T]`, as passed to the model; for packed (padding-free) rows, each 0 starts a new
+            sequence: the loss is then the sum of the sequences' losses (for "sum").
     """
-    _check_inputs(logits, labels, reduction)
-    terms = set_loss_terms(logits, labels[:, 1:], seps)
+    _check_inputs(logits, labels, reduction, position_ids)
+    terms = set_loss_terms(logits, labels[:, 1:], seps, seq_starts=seq_starts_from(position_ids))
     return SetLossOutput(reduce_set_loss(terms.set_sum, terms.stats["target_tokens"], reduction), terms.stats)
 
 
@@ -180,8 +201,18 @@ def reduce_set_loss(set_sum: torch.Tensor, num_target_tokens: float | torch.Tens
     return set_sum / count.clamp(min=1)
 
 
-def count_target_answer_tokens(targets: torch.Tensor, seps: QASeparators) -> int:
+def count_target_answer_tokens(
+    targets: torch.Tensor, seps: QASeparators, seq_starts: torch.Tensor | None = None
+) -> int:
     """Number of target answer tokens in shifted `targets` `[B, P]`: the denominator of the "mean" reduction."""
     valid = targets != -100
     num_ids = max(seps.vocab_size or 0, int(targets.max()) + 1 if targets.numel() else 1)
-    return parse_answer_tokens(targets, valid, seps, num_ids).token.numel()
+    return parse_answer_tokens(targets, valid, seps, num_ids, seq_starts).token.numel()
+
+
+def seq_starts_from(position_ids: torch.Tensor | None, first: int = 0) -> torch.Tensor | None:
+    """`[B, P]` bool sequence starts of the shifted targets `labels[:, first + 1:]`, from un-shifted `position_ids`.
+
+    Target p is token `first + 1 + p`; a packed sequence starts where its position id is 0.
+    """
+    return None if position_ids is None else position_ids[:, first + 1 :] == 0

@@ -6,7 +6,8 @@ Both implement the same rules, on token ids:
 3. after the question, each `answer_id` starts an answer, running to the next separator or the end of the row;
    tokens between the question end and the first `answer_id` are ignored; an answer keeps its non-skip tokens, and
    an answer with none is dropped.
-Only valid positions (label != -100) are read, in order.
+Only valid positions (label != -100) are read, in order. With sequence starts (packed rows), each start closes any
+open item, and items are numbered per sequence, so that no item spans two sequences.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ class AnswerTokens:
     """Every kept answer token of a batch, one entry each, sorted by (row, position).
 
     Attributes:
-        row, pos, token, item, answer: `[E]` long tensors. `item` is 1-based within the row; `answer` numbers the
-            answers of the row from 1 in order (dropped empty answers leave gaps).
-        num_items: `[B]` number of items in each row.
+        row, pos, token, item, answer, seq: `[E]` long tensors. `item` is 1-based within the sequence; `answer`
+            numbers the answers of the row from 1 in order (dropped empty answers leave gaps); `seq` is the global
+            index of the token's sequence (the row itself when rows are not packed).
+        num_items: `[S]` number of items in each sequence (S = B when rows are not packed).
     """
 
     row: torch.Tensor
@@ -34,22 +36,43 @@ class AnswerTokens:
     item: torch.Tensor
     answer: torch.Tensor
     num_items: torch.Tensor
+    seq: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.seq is None:  # rows that are not packed: each row is one sequence
+            self.seq = self.row
 
     def select(self, keep: torch.Tensor) -> AnswerTokens:
         return AnswerTokens(
-            self.row[keep], self.pos[keep], self.token[keep], self.item[keep], self.answer[keep], self.num_items
-        )
+            self.row[keep], self.pos[keep], self.token[keep], self.item[keep], self.answer[keep], self.num_items,
+            self.seq[keep],
+        )  # fmt: skip
 
 
 def _count_since_last_qa(marks: torch.Tensor, is_qa: torch.Tensor) -> torch.Tensor:
-    """Number of `marks` since the last QA token of the row, at every position. `marks`, `is_qa`: `[B, P]` bool."""
+    """Number of `marks` since the last QA token (or other item boundary) of the row, at every position.
+
+    `marks`, `is_qa`: `[B, P]` bool.
+    """
     total = marks.long().cumsum(1)
     # The running count is non-decreasing, so its value at the last QA token is a running max.
     at_last_qa = (total * is_qa).cummax(1).values
     return total - at_last_qa
 
 
-def parse_answer_tokens(tokens: torch.Tensor, valid: torch.Tensor, seps: QASeparators, num_ids: int) -> AnswerTokens:
+def sequence_index(seq_starts: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """`[B, P]` global index of the sequence of every position; each row starts a sequence. `seq_starts`: `[B, P]`."""
+    if seq_starts is None or shape[1] == 0:
+        return torch.arange(shape[0], device=device)[:, None].expand(shape)
+    starts = seq_starts.to(device=device, dtype=torch.bool).clone()
+    starts[:, 0] = True
+    counts = starts.long().cumsum(1)
+    return counts - 1 + (counts[:, -1].cumsum(0) - counts[:, -1])[:, None]
+
+
+def parse_answer_tokens(
+    tokens: torch.Tensor, valid: torch.Tensor, seps: QASeparators, num_ids: int, seq_starts: torch.Tensor | None = None
+) -> AnswerTokens:
     """Parse a whole batch with cumulative sums over separator masks.
 
     Args:
@@ -57,6 +80,7 @@ def parse_answer_tokens(tokens: torch.Tensor, valid: torch.Tensor, seps: QASepar
         valid: `[B, P]` bool, the positions to read.
         seps: the separators and token classes.
         num_ids: vocabulary size of the ids in `tokens`.
+        seq_starts: optional `[B, P]` bool, True where a packed sequence starts (valid or not).
     """
     is_qend_table, is_skip_table = seps.masks(num_ids, tokens.device)
     tokens = torch.where(valid, tokens, 0)
@@ -64,14 +88,27 @@ def parse_answer_tokens(tokens: torch.Tensor, valid: torch.Tensor, seps: QASepar
     is_answer = valid & (tokens == seps.answer_id)
     is_qend = valid & is_qend_table[tokens]
     item = is_qa.long().cumsum(1)
-    after_question = _count_since_last_qa(is_qend, is_qa) > 0
+    starts = is_qa
+    if seq_starts is not None:
+        seq_starts = seq_starts.to(device=tokens.device, dtype=torch.bool)
+        # A sequence start closes the open item, like a QA token that opens none.
+        starts = is_qa | seq_starts
+        # Items are numbered from 1 in each sequence: the QA tokens strictly before its start (a non-decreasing
+        # count, so its value at the last start is a running max) are subtracted.
+        item = item - ((item - is_qa.long()) * seq_starts).cummax(1).values
+    after_question = _count_since_last_qa(is_qend, starts) > 0
     answer_start = is_answer & after_question & (item > 0)
     answer = answer_start.long().cumsum(1)
     # The count of answer starts since the last QA token is > 0 exactly inside an answer of the current item.
-    in_answer = _count_since_last_qa(answer_start, is_qa) > 0
+    in_answer = _count_since_last_qa(answer_start, starts) > 0
     keep = valid & in_answer & ~is_answer & ~is_qa & ~is_skip_table[tokens]
     row, pos = keep.nonzero(as_tuple=True)
-    return AnswerTokens(row, pos, tokens[row, pos], item[row, pos], answer[row, pos], is_qa.sum(1))
+    seq = sequence_index(seq_starts, tokens.shape, tokens.device)
+    num_seqs = int(seq[-1, -1]) + 1 if seq.numel() else tokens.size(0)
+    num_items = torch.zeros(num_seqs, dtype=torch.long, device=tokens.device).index_add_(
+        0, seq.flatten(), is_qa.long().flatten()
+    )
+    return AnswerTokens(row, pos, tokens[row, pos], item[row, pos], answer[row, pos], num_items, seq[row, pos])
 
 
 Answer = list[tuple[int, int]]  # (position, token) pairs

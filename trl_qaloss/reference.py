@@ -22,11 +22,33 @@ def _iou(a: set[int], b: set[int]) -> float:
     return len(a & b) / len(union) if union else 0.0
 
 
+def _sequences(positions: list[int], starts: list[bool] | None) -> list[list[int]]:
+    """Split the valid positions of a row into its packed sequences; `starts[p]`: target p starts a sequence."""
+    if starts is None:
+        return [positions]
+    valid = set(positions)
+    groups: dict[int, list[int]] = {}
+    seq = 0
+    for p, start in enumerate(starts):
+        seq += bool(start and p > 0)
+        groups.setdefault(seq, [])
+        if p in valid:
+            groups[seq].append(p)
+    return list(groups.values())
+
+
 def set_matching_loss_reference(
-    logits: torch.Tensor, labels: torch.Tensor, seps: QASeparators, reduction: str = "mean"
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    seps: QASeparators,
+    reduction: str = "mean",
+    position_ids: torch.Tensor | None = None,
 ) -> SetLossOutput:
-    """Same contract and result as `trl_qaloss.set_matching_loss`, computed with plain Python loops."""
-    _check_inputs(logits, labels, reduction)
+    """Same contract and result as `trl_qaloss.set_matching_loss`, computed with plain Python loops.
+
+    Packed rows (`position_ids`) are split into their sequences, each parsed and scored on its own.
+    """
+    _check_inputs(logits, labels, reduction, position_ids)
     lg, tg = logits[:, :-1], labels[:, 1:].to(logits.device)
     vocab_size = logits.size(-1)
     log_v = math.log(vocab_size)
@@ -34,8 +56,11 @@ def set_matching_loss_reference(
     total = logits[:0].float().sum()
     target_answers = target_tokens = matched = missing = extra = 0
     ious = []
+    rows = []
     for b in range(tg.size(0)):
-        positions = (tg[b] != -100).nonzero().flatten().tolist()
+        starts = None if position_ids is None else (position_ids[b, 1:] == 0).tolist()
+        rows += [(b, seq) for seq in _sequences((tg[b] != -100).nonzero().flatten().tolist(), starts)]
+    for b, positions in rows:
         valid = set(positions)
         target_items = parse_row(tg[b, positions].tolist(), positions, seps)
         pred_items = parse_row(lg[b, positions].argmax(-1).tolist(), positions, seps)

@@ -12,8 +12,10 @@ from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
 from .callbacks import QASetEvalCallback
+from .checkpoints import resolve_resume_checkpoint
 from .config import QALossConfig
-from .loss import count_target_answer_tokens, reduce_set_loss, set_loss_terms
+from .data_checks import check_columns, check_set_targets
+from .loss import count_target_answer_tokens, reduce_set_loss, seq_starts_from, set_loss_terms
 from .separators import QASeparators, is_single_token
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,16 @@ class QALossSFTTrainer(SFTTrainer):
     and devices). Logged next to TRL's metrics: `ce_loss`, `set_loss`, `set/mean_iou`, `set/matched`,
     `set/missing`, `set/extra`, `set/target_answers`. With `eval_generate_samples > 0`, every evaluation also
     generates completions and logs answer-set metrics ([`QASetEvalCallback`]).
+
+    Normalization across micro-batches and devices: whenever the Trainer passes `num_items_in_batch` (the labelled
+    tokens of the whole accumulation window, summed over processes with `average_tokens_across_devices`), each
+    micro-batch's set sum is divided by the target answer tokens counted over that same window and processes
+    (reduction "mean"), or left a plain sum ("sum"), and the loss is scaled by the number of processes exactly as
+    `Trainer.compute_loss` scales the CE term, since DDP averages gradients. A step thus gets the gradients of one
+    batch holding the whole window, however it is split. Without `num_items_in_batch` (a model without loss kwargs),
+    both terms are reduced per micro-batch and the Trainer divides the loss by the accumulation steps.
+
+    Packed (padding-free) batches carry `position_ids`; each 0 there starts a sequence, and no item spans two.
     """
 
     _tag_names = ["trl", "sft", "trl-qaloss"]
@@ -74,25 +86,52 @@ class QALossSFTTrainer(SFTTrainer):
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError("`processing_class` must be a tokenizer or a processor that holds one.")
         if args.lambda_set > 0:
-            self._check_supported(args, kwargs)
+            self._check_supported(args, kwargs, positional)
+            self._check_datasets(args, train_dataset, eval_dataset, kwargs.get("formatting_func") is not None)
             self._add_separator_tokens(model, tokenizer, args, peft_config)
 
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *positional,
                          peft_config=peft_config, **kwargs)  # fmt: skip
         self.separators = QASeparators.from_tokenizer(tokenizer, args.qa_token, args.answer_token, args.question_end)
+        if args.lambda_set > 0 and self.train_dataset is not None:
+            check_set_targets(self.train_dataset, self.separators, tokenizer, "train_dataset", args)
+        if args.lambda_set > 0 and args.packing and not self.padding_free:
+            logger.warning(
+                "packing_strategy=%r without padding_free packs documents into rows without sequence boundaries, so "
+                "the set loss pairs the items of a row across its documents. Use packing_strategy='bfd' (the "
+                "default) or padding_free=True.",
+                args.packing_strategy,
+            )
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
         self._set_tokens_in_batch = None
         if args.eval_generate_samples > 0:
             self.add_callback(QASetEvalCallback(self))
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` skips checkpoints a killed run left half-written."""
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     @staticmethod
-    def _check_supported(args: QALossConfig, kwargs: dict) -> None:
+    def _check_datasets(args: QALossConfig, train_dataset, eval_dataset, has_formatting_func: bool) -> None:
+        datasets = {"train_dataset": train_dataset}
+        if isinstance(eval_dataset, dict):
+            datasets.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
+        else:
+            datasets["eval_dataset"] = eval_dataset
+        for name, dataset in datasets.items():
+            if dataset is not None:
+                check_columns(dataset, name, args.dataset_text_field, has_formatting_func)
+
+    @staticmethod
+    def _check_supported(args: QALossConfig, kwargs: dict, positional: tuple = ()) -> None:
         if args.loss_type != "nll":
             raise ValueError(f"`loss_type={args.loss_type!r}` is not supported with `lambda_set > 0`; use 'nll'.")
         if args.label_smoothing_factor > 0:
             raise ValueError("`label_smoothing_factor > 0` is not supported with `lambda_set > 0`; set it to 0.")
-        if kwargs.get("compute_loss_func") is not None:
+        # `compute_loss_func` follows `processing_class` in SFTTrainer's signature.
+        if kwargs.get("compute_loss_func", positional[0] if positional else None) is not None:
             raise ValueError("`compute_loss_func` replaces the loss; it cannot be combined with `lambda_set > 0`.")
 
     @staticmethod
@@ -133,7 +172,9 @@ class QALossSFTTrainer(SFTTrainer):
         self._set_tokens_in_batch = None
         if self.args.lambda_set > 0 and num_items_in_batch is not None:
             count = sum(
-                count_target_answer_tokens(batch["labels"][:, 1:], self.separators)
+                count_target_answer_tokens(
+                    batch["labels"][:, 1:], self.separators, seq_starts_from(batch.get("position_ids"))
+                )
                 for batch in batch_samples
                 if "labels" in batch
             )
@@ -160,7 +201,11 @@ class QALossSFTTrainer(SFTTrainer):
             forward_inputs["logits_to_keep"] = labels.size(1) - first
         outputs = model(**forward_inputs)
         targets = labels[:, first + 1 :]  # logits[:, j] predicts targets[:, j]
-        terms = set_loss_terms(outputs.logits, targets, self.separators, with_sft=True, with_entropy=True)
+        # Packed (padding-free) rows: each position id 0 starts a sequence, so no item spans two of them.
+        seq_starts = seq_starts_from(inputs.get("position_ids"), first)
+        terms = set_loss_terms(
+            outputs.logits, targets, self.separators, with_sft=True, with_entropy=True, seq_starts=seq_starts
+        )
 
         nll_sum = -terms.sft_log_probs.sum()
         num_tokens = terms.rows_b.numel()

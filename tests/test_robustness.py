@@ -1,0 +1,246 @@
+"""Malformed and adversarial input: property-based tests of the set loss, extreme logits, and garbage predictions.
+
+Run with `--hypothesis-show-statistics` to see how many examples each property ran.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import build_tokenizer, qa_config, qa_dataset, tiny_llama
+from tests.test_loss import STAT_KEYS, random_batch
+from trl_qaloss import QALossSFTTrainer, QASeparators, set_matching_loss
+from trl_qaloss.reference import set_matching_loss_reference
+
+# Derandomized, so CI runs the same examples every time; no deadline, since the naive reference is slow by design.
+settings.register_profile(
+    "qaloss-robustness",
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+PROFILE = settings.get_profile("qaloss-robustness")
+
+TOKENIZER = build_tokenizer()
+SEPS = QASeparators.from_tokenizer(TOKENIZER)
+VOCAB = len(TOKENIZER)
+QA, ANS = SEPS.qa_id, SEPS.answer_id
+QEND = sorted(SEPS.question_end_ids)
+SKIP = sorted(SEPS.skip_ids)  # EOS, pad, unk and whitespace-only tokens
+PLAIN = [i for i in range(VOCAB) if i not in SEPS.question_end_ids and i not in SEPS.skip_ids and i not in (QA, ANS)]
+# Separators and `?`-tokens are frequent, so that every malformed arrangement of them comes up.
+TOKEN = st.one_of(st.sampled_from([QA, ANS]), st.sampled_from(QEND), st.sampled_from(SKIP), st.sampled_from(PLAIN[:12]))
+
+
+@st.composite
+def long_item(draw) -> list[int]:
+    """A well-formed item with hundreds of answers, cut anywhere (a truncated row ends inside an answer)."""
+    question = draw(st.lists(st.sampled_from([ANS, *SKIP, *PLAIN[:12]]), max_size=4)) + [QEND[0]]
+    answers = []
+    for k in range(draw(st.integers(100, 160))):
+        answers += [ANS] + [PLAIN[(k * 7 + j) % len(PLAIN)] for j in range(k % 2 + 1)]
+    tokens = [QA] + question + answers
+    return tokens[: draw(st.integers(len(tokens) // 2, len(tokens)))]
+
+
+@st.composite
+def short_item(draw) -> list[int]:
+    """An item with random tokens sprinkled over its question and answers."""
+    tokens = [QA] + draw(st.lists(TOKEN, max_size=3)) + [draw(st.sampled_from(QEND))]
+    for _ in range(draw(st.integers(0, 4))):
+        tokens += [ANS] + draw(st.lists(st.one_of(TOKEN, st.sampled_from(PLAIN[:12])), max_size=3))
+    return tokens
+
+
+@st.composite
+def token_row(draw) -> list[int]:
+    """Random tokens and items, now and then a long item."""
+    parts = draw(st.lists(st.one_of(st.lists(TOKEN, max_size=30), short_item()), min_size=1, max_size=4))
+    if draw(st.integers(0, 5)) == 0:
+        parts.insert(draw(st.integers(0, len(parts))), draw(long_item()))
+    return [t for p in parts for t in p]
+
+
+@st.composite
+def batches(draw):
+    """`(logits [B, T, V], labels [B, T], position_ids [B, T] or None)` for adversarial rows.
+
+    Labels: random rows with a masked prompt, masked padding, masked holes, or masked entirely. Predictions: a noisy
+    copy of the target, or unrelated tokens (garbage). Position ids, now and then: packed sequences.
+    """
+    rows = draw(st.lists(token_row(), min_size=1, max_size=3))
+    length = max(len(r) for r in rows) + 1
+    labels = torch.full((len(rows), length), -100)
+    predicted = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, row in enumerate(rows):
+        labels[b, 1 : 1 + len(row)] = torch.tensor(row, dtype=torch.long)
+        mode = draw(st.sampled_from(["plain", "prompt", "hole", "all_masked"]))
+        if mode == "prompt":
+            labels[b, : draw(st.integers(0, length))] = -100
+        elif mode == "hole":
+            start = draw(st.integers(0, length - 1))
+            labels[b, start : start + draw(st.integers(1, 8))] = -100
+        elif mode == "all_masked":
+            labels[b] = -100
+        if draw(st.booleans()):  # a noisy copy of the target
+            flips = draw(st.lists(st.tuples(st.integers(0, length - 1), TOKEN), max_size=10))
+            predicted[b] = torch.where(labels[b] == -100, 0, labels[b])
+            for pos, tok in flips:
+                predicted[b, pos] = tok
+        else:
+            predicted[b] = torch.tensor(draw(st.lists(TOKEN, min_size=length, max_size=length)))
+    # Models often pad their vocabulary past the tokenizer's; the padded ids decode to nothing and are skipped.
+    vocab = draw(st.sampled_from([VOCAB, VOCAB + 5]))
+    if vocab > VOCAB:
+        for pos in draw(st.lists(st.tuples(st.integers(0, len(rows) - 1), st.integers(0, length - 1)), max_size=4)):
+            predicted[pos] = draw(st.integers(VOCAB, vocab - 1))
+    seed = draw(st.integers(0, 2**16))
+    logits = torch.randn(len(rows), length, vocab, generator=torch.Generator().manual_seed(seed))
+    logits[:, :-1].scatter_(2, predicted[:, 1:, None], 6.0)
+    position_ids = None
+    if length > 1 and draw(st.booleans()):
+        # Each row cut into sequences.
+        position_ids = torch.zeros_like(labels)
+        for b in range(len(rows)):
+            cuts = sorted(set(draw(st.lists(st.integers(1, length - 1), max_size=3))))
+            for s, e in zip([0] + cuts, cuts + [length], strict=True):
+                position_ids[b, s:e] = torch.arange(e - s)
+        if draw(st.booleans()):  # as TRL's collator does; a caller may also leave them
+            labels[position_ids == 0] = -100
+    return logits, labels, position_ids
+
+
+@settings(PROFILE, max_examples=60)
+@given(batch=batches())
+def test_adversarial_rows_match_reference(batch):
+    """No exception, a finite loss, and vectorized == reference in loss, statistics and gradients."""
+    logits, labels, position_ids = batch
+    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    out = set_matching_loss(a, labels, SEPS, reduction="sum", position_ids=position_ids)
+    ref = set_matching_loss_reference(b, labels, SEPS, reduction="sum", position_ids=position_ids)
+    event(f"packed: {position_ids is not None}")
+    event(f"target answers: {'none' if not out.stats['target_answers'] else 'some'}")
+    event(f"matched pairs: {'none' if not out.stats['matched'] else 'some'}")
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-4)
+    for key in STAT_KEYS:
+        assert out.stats[key] == pytest.approx(ref.stats[key], rel=1e-9, abs=1e-12), key
+    mean = set_matching_loss(logits, labels, SEPS, position_ids=position_ids).loss
+    torch.testing.assert_close(mean, out.loss.detach() / max(out.stats["target_tokens"], 1), rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    assert torch.isfinite(a.grad).all()
+    # The reference builds a full-size gradient per pair: compared where that stays cheap.
+    if ref.stats["matched"] <= 40:
+        ref.loss.backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+@st.composite
+def permutable_rows(draw):
+    """Target and predicted token rows with the same structure, and a permutation of the answer slots of each item.
+
+    Each answer slot draws its tokens from its own pool, keeps its first token in the prediction and has the same
+    length and whitespace positions on both sides: the Hungarian assignment is the slot identity, and each pair's cost
+    depends only on the pair itself. Items may lack a `?`, carry `<A>` inside the question, empty or whitespace-only
+    answers, and hundreds of answers.
+    """
+    pools = [PLAIN[i::40] for i in range(40)]  # disjoint pools of ~8 tokens
+    items = []
+    for _ in range(draw(st.integers(0, 3))):
+        question = draw(st.lists(st.sampled_from([ANS, *PLAIN[:5], *SKIP[2:5]]), max_size=4))
+        has_end = draw(st.booleans())
+        num_answers = 120 if draw(st.integers(0, 9)) == 0 else draw(st.integers(0, 6))
+        slots = []
+        for k in range(num_answers):
+            pool = pools[k % len(pools)] if num_answers <= len(pools) else [PLAIN[k % len(PLAIN)]]
+            n = draw(st.integers(0, 4))
+            kinds = draw(st.lists(st.sampled_from(["tok", "tok", "space"]), min_size=n, max_size=n))
+            target, pred = [], []
+            for kind in kinds:
+                if kind == "space":
+                    target.append(draw(st.sampled_from(SKIP)))
+                    pred.append(draw(st.sampled_from(SKIP)))
+                else:
+                    target.append(draw(st.sampled_from(pool)))
+                    first_kept = all(x in SEPS.skip_ids for x in target[:-1])
+                    pred.append(target[-1] if first_kept else draw(st.sampled_from(pool)))
+            slots.append((target, pred))
+        items.append((question + ([draw(st.sampled_from(QEND))] if has_end else []), slots))
+    perms = [draw(st.permutations(range(len(slots)))) for _, slots in items]
+    return items, perms
+
+
+def build(items, perms, side: int) -> list[int]:
+    row = [SKIP[0]]  # position 0 is never a target
+    for (question, slots), perm in zip(items, perms, strict=True):
+        row += [QA] + question
+        for k in perm:
+            row += [ANS] + slots[k][side]
+    return row + [TOKENIZER.eos_token_id]
+
+
+@settings(PROFILE, max_examples=40)
+@given(case=permutable_rows())
+def test_permuting_answers_with_predictions_keeps_the_loss(case):
+    items, perms = case
+    identity = [list(range(len(slots))) for _, slots in items]
+    # Logits rows depend only on the predicted token: a fixed random table, plus a bump on the prediction.
+    table = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(0))
+    table += 20.0 * torch.eye(VOCAB)
+    results = []
+    for order in (identity, perms):
+        target, pred = build(items, order, 0), build(items, order, 1)
+        labels = torch.tensor(target)[None]
+        logits = table[torch.tensor(pred[1:] + [TOKENIZER.eos_token_id])][None]  # logits[p] predicts labels[p + 1]
+        results.append(set_matching_loss(logits, labels, SEPS, reduction="sum"))
+    base, permuted = results
+    event(f"matched pairs: {'none' if not base.stats['matched'] else 'some'}")
+    event(f"answers in the longest item: {'100+' if any(len(slots) >= 100 for _, slots in items) else '<100'}")
+    torch.testing.assert_close(permuted.loss, base.loss, rtol=1e-5, atol=1e-4)
+    for key in STAT_KEYS:
+        assert permuted.stats[key] == pytest.approx(base.stats[key], rel=1e-9), key
+    assert base.stats["missing"] == 0 and base.stats["extra"] == 0
+
+
+@pytest.mark.parametrize(
+    "dtype, scale", [(torch.bfloat16, 1e30), (torch.float16, 6e4), (torch.float32, 1e30), (torch.bfloat16, 1.0)]
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_extreme_logits_stay_finite(dtype, scale, masked):
+    """Huge and very negative logits, half precision, and `-inf` on masked vocabulary entries: finite loss and grad."""
+    logits, labels = random_batch(SEPS, VOCAB, batch=3, length=60, seed=7, agree=0.6)
+    logits = (logits.sign() * logits.abs().pow(3) * scale / logits.abs().pow(3).max()).clamp(-scale, scale)
+    if masked:
+        # Masked entries are never targets: a model cannot be taught a token its logits forbid.
+        never = torch.ones(VOCAB, dtype=torch.bool)
+        never[labels[labels != -100].unique()] = False
+        logits[:, :, never.nonzero().flatten()[::2]] = -math.inf
+    logits = logits.to(dtype).requires_grad_(True)
+    for reduction in ("mean", "sum"):
+        out = set_matching_loss(logits, labels, SEPS, reduction=reduction)
+        assert torch.isfinite(out.loss), (reduction, out.loss)
+        (grad,) = torch.autograd.grad(out.loss, logits)
+        assert torch.isfinite(grad.float()).all()
+        assert out.stats["target_answers"] > 0
+        ref = set_matching_loss_reference(logits.detach(), labels, SEPS, reduction=reduction)
+        torch.testing.assert_close(out.loss, ref.loss.float(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("precision", [{}, {"bf16": True}])
+def test_garbage_predictions_train_without_crashing(tmp_path, precision):
+    """A randomly initialised model predicts no well-formed item: every target answer is missing, training goes on."""
+    tokenizer = build_tokenizer()
+    args = qa_config(tmp_path, max_steps=3, learning_rate=5e-2, **precision)
+    trainer = QALossSFTTrainer(model=tiny_llama(len(tokenizer), seed=3), args=args, train_dataset=qa_dataset(12),
+                               processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "set_loss" in e]
+    assert len(logs) == 3
+    assert logs[0]["set/missing"] > 0.5 * logs[0]["set/target_answers"] > 0
+    for entry in logs:
+        assert all(math.isfinite(entry[k]) for k in ("loss", "ce_loss", "set_loss", "set/missing", "grad_norm"))

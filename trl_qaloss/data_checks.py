@@ -1,0 +1,111 @@
+"""Start-up checks that a dataset gives the set loss something to train on, so that a bad dataset fails at once.
+
+Two checks: `check_columns` on the raw dataset, before TRL prepares it (a missing field otherwise surfaces as a bare
+`KeyError` from TRL's tokenization), and `check_set_targets` on the prepared one: at least one row must have a
+target answer in its trained tokens, or the set loss would be 0 at every step.
+"""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+
+from .parsing import parse_answer_tokens
+from .separators import QASeparators
+
+# Rows parsed at a time; the scan stops at the first batch with a target answer, so a good dataset costs one batch.
+SCAN_ROWS = 256
+
+
+def check_columns(dataset, name: str, text_field: str, has_formatting_func: bool) -> None:
+    """Raise a ValueError if `dataset` (a `datasets.Dataset`) has no field TRL can build trained tokens from.
+
+    Accepted: `input_ids` (pre-tokenized), `messages` (conversations), `prompt` + `completion`, or `text_field`
+    (plain text), or any columns when a formatting function builds the text.
+    """
+    columns = getattr(dataset, "column_names", None)
+    if not isinstance(columns, list) or has_formatting_func:
+        return  # an IterableDataset may not know its columns before iterating
+    if "input_ids" in columns or "messages" in columns or text_field in columns:
+        return
+    if "prompt" in columns and "completion" in columns:
+        return
+    fix = (
+        "Give it a `completion` column holding the `<QA> question? <A> answer ...` text next to `prompt`, a "
+        f"`messages` column with assistant turns holding it, or a `{text_field}` column (`dataset_text_field`) with "
+        "the whole text."
+    )
+    if "prompt" in columns:
+        raise ValueError(f"`{name}` has a `prompt` column but no `completion` column (columns: {columns}). {fix}")
+    raise ValueError(f"`{name}` has none of the fields SFTTrainer reads (its columns: {columns}). {fix}")
+
+
+def _trained_text(row: list[int], tokenizer, limit: int = 120) -> str:
+    text = tokenizer.decode([t for t in row if t != -100])
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def check_set_targets(dataset, seps: QASeparators, tokenizer, name: str, args) -> None:
+    """Raise a ValueError if no row of the prepared `dataset` has a target answer among its trained tokens.
+
+    Reads `labels` (or `input_ids` when there are none), shifted as a causal LM reads them, with packed rows split at
+    their `seq_lengths`. Stops at the first batch of rows that has an answer. `args`: the `QALossConfig`.
+    """
+    qa_token, answer_token, question_end = args.qa_token, args.answer_token, args.question_end
+    if not isinstance(dataset, Dataset):
+        return  # an IterableDataset cannot be scanned without consuming it
+    if len(dataset) == 0:
+        raise ValueError(
+            f"`{name}` has no rows left after preparation: TRL drops rows whose labels are all masked, e.g. when "
+            "the prompt alone fills `max_length`. Raise `max_length` or shorten the prompts."
+        )
+    column = "labels" if "labels" in dataset.column_names else "input_ids"
+    first = {"all_masked": None, "no_qa": None, "no_answer": None}
+    start = 0
+    for batch in dataset.select_columns([c for c in (column, "seq_lengths") if c in dataset.column_names]).iter(
+        SCAN_ROWS
+    ):
+        rows = batch[column]
+        length = max(len(r) for r in rows)
+        labels = torch.full((len(rows), max(length, 2)), -100, dtype=torch.long)
+        for i, r in enumerate(rows):
+            labels[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        seq_starts = None
+        if "seq_lengths" in batch:
+            seq_starts = torch.zeros_like(labels, dtype=torch.bool)
+            for i, lengths in enumerate(batch["seq_lengths"]):
+                seq_starts[i, torch.tensor(lengths[:-1], dtype=torch.long).cumsum(0)] = True
+            labels[seq_starts] = -100  # the collator masks each sequence's first token
+            seq_starts = seq_starts[:, 1:]
+        targets = labels[:, 1:]
+        valid = targets != -100
+        num_ids = max(seps.vocab_size or 0, int(targets.max()) + 1)
+        answers = parse_answer_tokens(targets, valid, seps, num_ids, seq_starts)
+        if answers.row.numel():
+            return
+        has_qa = (valid & (targets == seps.qa_id)).any(1)
+        for i in range(len(rows)):
+            kind = "all_masked" if not valid[i].any() else "no_answer" if has_qa[i] else "no_qa"
+            if first[kind] is None:
+                first[kind] = (start + i, rows[i])
+        start += len(rows)
+    lines = [f"No row of `{name}` has a target answer among its trained tokens, so the set loss would be 0 at every "
+             "step:"]  # fmt: skip
+    if first["all_masked"] is not None:
+        lines.append(f"- rows whose labels are all masked (-100), e.g. row {first['all_masked'][0]};")
+    if first["no_qa"] is not None:
+        index, row = first["no_qa"]
+        lines.append(f"- rows without `qa_token`={qa_token!r} in their trained tokens, e.g. row {index}: "
+                     f"{_trained_text(row, tokenizer)};")  # fmt: skip
+    if first["no_answer"] is not None:
+        index, row = first["no_answer"]
+        lines.append(
+            f"- rows with items but no answer (no token with `question_end`={question_end!r} followed by "
+            f"`answer_token`={answer_token!r} and an answer), e.g. row {index}: {_trained_text(row, tokenizer)}."
+        )
+    lines.append(
+        "Fix: put the items in the trained part (the completion, or the assistant turns) as "
+        f"`{qa_token} question? {answer_token} answer {answer_token} answer`, set `qa_token`, `answer_token` and "
+        "`question_end` to what the data uses, or set `lambda_set=0` to train with the SFT loss only."
+    )
+    raise ValueError("\n".join(lines))
