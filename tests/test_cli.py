@@ -201,3 +201,24 @@ def test_accelerate_launch_2_processes_matches_one_process(demo_run, tmp_path):
     for key in ("loss", "ce_loss", "set_loss"):
         assert first[key] == pytest.approx(expected[key], rel=1e-4), key
     assert first["set/target_answers"] == expected["set/target_answers"]
+
+
+def test_init_from_config_builds_random_weights_at_the_configs_size(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from trl import get_quantization_config
+
+    from trl_qaloss.cli import model_from_config
+
+    _, training_args, model_args, _ = parse_args(["--output_dir", str(tmp_path), "--init_from_config", "true"])
+    shipped = load_file(MODEL_DIR / "model.safetensors")
+    model = model_from_config(model_args, training_args, None)
+    weights = dict(model.named_parameters())
+    assert {k: v.shape for k, v in shipped.items()} == {k: weights[k].shape for k in shipped}
+    assert not torch.equal(weights["lm_head.weight"], shipped["lm_head.weight"])
+    # with 4-bit, the random weights are written once, then quantized on loading like real ones
+    path = model_from_config(model_args, training_args, get_quantization_config(model_args))
+    assert path == str(tmp_path / "init-from-config") and (tmp_path / "init-from-config" / "tokenizer.json").is_file()
+    written = load_file(tmp_path / "init-from-config" / "model.safetensors")
+    assert not torch.equal(written["lm_head.weight"], shipped["lm_head.weight"])
+    assert AutoModelForCausalLM.from_pretrained(path).config.hidden_size == model.config.hidden_size
