@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -193,9 +194,17 @@ def test_accelerate_launch_2_processes_matches_one_process(demo_run, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ddp,
            "--num_processes", "2", "--main_process_port", "29517", "-m", "trl_qaloss", "train", "--config", str(DEMO),
            "--output_dir", str(tmp_path), "--per_device_train_batch_size", "4", *SHORT]  # fmt: skip
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "LoRA adapter saved to" in run.stdout and (tmp_path / "adapter_model.safetensors").is_file()
+    # A session of its own, so that a hang kills the launcher's workers too, not only the launcher.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("accelerate launch did not finish in 300 s:\n" + stdout[-3000:] + stderr[-3000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "LoRA adapter saved to" in stdout and (tmp_path / "adapter_model.safetensors").is_file()
     first = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"][0]
     expected = trainer.state.log_history[0]
     for key in ("loss", "ce_loss", "set_loss"):
