@@ -7,12 +7,12 @@ names a country; its 2-3 questions ask for those sets, and each answer list is s
 carries no information: exactly where the set loss differs from cross-entropy.
 
 The base model: LoRA on a randomly initialized model learns little, so the generator pretrains the tiny Llama
-(full fine-tuning, fp32, about a minute on 2 CPU cores) on plain-text statements of the same facts, never in the
-`<QA>`/`<A>` format. The demo's QLoRA run then has to learn the question/answer format and recall the facts in it,
-as a real instruct fine-tune would. `data/eval.jsonl` holds fresh rows (new question combinations and answer orders)
-about the same countries: it measures how well the facts and the format were learned, not generalization to unseen
-countries. Everything is drawn from `--seed`; the weights are bitwise reproducible on the same torch build and thread
-count.
+(full fine-tuning, fp32, a few minutes on 2 CPU cores) on the same facts written as plain text
+(`which rivers flow through valdor? oru and pell.`), never in the `<QA>`/`<A>` format. The demo's QLoRA run then
+has to learn the structured format and give each answer set in it, as a real instruct fine-tune would.
+`data/eval.jsonl` holds fresh rows (new question combinations and answer orders) about the same countries: it
+measures how well the facts and the format were learned, not generalization to unseen countries.
+Everything is drawn from `--seed`; the weights are bitwise reproducible on the same torch build and thread count.
 """
 
 from __future__ import annotations
@@ -32,13 +32,6 @@ QUESTIONS = {
     "neighbours": "which countries border {c}?",
     "languages": "which languages are spoken in {c}?",
     "ruler": "who rules {c}?",
-}
-STATEMENTS = {
-    "cities": "the cities of {c} are {a}.",
-    "rivers": "the rivers {a} flow through {c}.",
-    "neighbours": "{c} borders {a}.",
-    "languages": "people in {c} speak {a}.",
-    "ruler": "{a} rules {c}.",
 }
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<eos>", "<QA>", "<A>"]
 MODEL_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -94,10 +87,14 @@ def join(names: list[str]) -> str:
 
 
 def fact_paragraph(world: dict, country: str, rng: random.Random) -> str:
-    """All facts about one country as plain sentences, in random order, each list shuffled."""
-    relations = rng.sample(sorted(STATEMENTS), len(STATEMENTS))
+    """All facts about one country as plain questions and answers, in random order, each list shuffled.
+
+    `which rivers flow through valdor? oru and pell. who rules valdor? ilsa. ...`: the base model learns the facts
+    and the questions, never the `<QA>`/`<A>` format.
+    """
+    relations = rng.sample(sorted(QUESTIONS), len(QUESTIONS))
     facts = world[country]
-    return " ".join(STATEMENTS[r].format(c=country, a=join(rng.sample(facts[r], len(facts[r])))) for r in relations)
+    return " ".join(f"{QUESTIONS[r].format(c=country)} {join(rng.sample(facts[r], len(facts[r])))}." for r in relations)
 
 
 def make_tokenizer(texts: list[str]):
@@ -146,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    parser.add_argument("--pretrain_steps", type=int, default=600)
+    parser.add_argument("--pretrain_steps", type=int, default=400)
     args = parser.parse_args(argv)
 
     rng = random.Random(args.seed)

@@ -1,0 +1,233 @@
+"""The `trl-qaloss` command and the recipes: parsing, the offline demo end to end, and the same run on 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from trl_qaloss.cli import main, make_parser, model_init_kwargs, parse_args
+from trl_qaloss.demo import DEFAULT_RECIPE, MODEL_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+DEMO = ROOT / "recipes" / "demo-cpu.yaml"
+# Reduced demo: what the end-to-end tests run instead of the full 150 steps.
+SHORT = ["--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true", "--max_length", "96"]
+
+
+def write_recipe(tmp_path, text: str, name: str = "recipe.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"demo-cpu.yaml", "qwen2.5-7b-instruct-qlora.yaml", "qwen2.5-72b-instruct-qlora.yaml"} <= names
+    assert {p.name for p in ACCELERATE_CONFIGS} == {"ddp.yaml", "fsdp-qlora.yaml", "zero3-qlora.yaml"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_parses(recipe):
+    config = yaml.safe_load(recipe.read_text())
+    # bf16 recipes are for GPUs; on this CPU-only machine transformers refuses bf16 unless use_cpu is set. Flags
+    # override the YAML, every other value is the recipe's own.
+    flags = ["--use_cpu", "true"] if config.get("bf16") else []
+    script_args, training_args, model_args, _ = parse_args(["--config", str(recipe), *flags])
+    assert model_args.model_name_or_path and script_args.dataset_name
+    assert model_args.load_in_4bit and model_args.bnb_4bit_quant_type == "nf4" and model_args.use_bnb_nested_quant
+    assert model_args.use_peft and model_args.lora_target_modules == "all-linear"
+    assert training_args.trust_remote_code is False
+    # every key of the recipe reached a parsed field with the recipe's value
+    parsed = {**vars(script_args), **vars(model_args)}
+    for key, value in config.items():
+        got = parsed.get(key, getattr(training_args, key, None))
+        if key in ("model_name_or_path", "dataset_name") and value.startswith("trl_qaloss/demo/"):
+            assert os.path.exists(got), got  # resolved into the installed package
+        elif key == "report_to":
+            assert value == "none" and got in ([], "none", ["none"]), got
+        else:
+            assert getattr(got, "value", got) == value, (key, got, value)  # enum fields hold the YAML string
+
+
+def test_real_model_recipes_use_the_qlora_settings():
+    for recipe in RECIPES:
+        if recipe.name == "demo-cpu.yaml":
+            continue
+        text = recipe.read_text()
+        _, training_args, model_args, _ = parse_args(["--config", str(recipe), "--use_cpu", "true"])
+        assert model_args.dtype == "bfloat16" and training_args.bf16 and training_args.gradient_checkpointing
+        assert training_args.lr_scheduler_type == "cosine" and training_args.max_length
+        assert "GPU memory" in text and ("ESTIMATED" in text or "measured" in text)
+        if "sharded" in recipe.name:
+            assert model_args.bnb_4bit_quant_storage == "bfloat16"
+        else:
+            assert training_args.optim == "paged_adamw_8bit"
+
+
+@pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_configs_load_with_accelerates_loader(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(config))
+    assert loaded.num_processes == 2 and loaded.mixed_precision in ("no", "bf16")
+    if config.name == "fsdp-qlora.yaml":
+        assert loaded.distributed_type == "FSDP" and loaded.fsdp_config["fsdp_use_orig_params"] is False
+    if config.name == "zero3-qlora.yaml":
+        assert loaded.distributed_type == "DEEPSPEED" and loaded.deepspeed_config["zero_stage"] == 3
+
+
+def test_embedded_default_recipe_is_recipes_demo_cpu():
+    assert DEFAULT_RECIPE.read_bytes() == DEMO.read_bytes()
+    script_args, training_args, model_args, _ = parse_args([])
+    assert model_args.model_name_or_path == str(MODEL_DIR) and training_args.output_dir == "outputs/demo-cpu"
+    assert training_args.use_cpu and model_args.load_in_4bit
+
+
+def test_flags_override_the_recipe_and_unknown_keys_fail(tmp_path):
+    _, training_args, _, _ = parse_args(["--config", str(DEMO), "--max_steps", "3", "--lambda_set", "0.5"])
+    assert training_args.max_steps == 3 and training_args.lambda_set == 0.5
+    bad_key = write_recipe(tmp_path, DEMO.read_text() + "lamda_set: 0.5\n")
+    with pytest.raises(ValueError, match="Unknown arguments from config file.*lamda_set"):
+        parse_args(["--config", bad_key])
+    bad_type = write_recipe(tmp_path, DEMO.read_text().replace("max_steps: 150", "max_steps: many"), "t.yaml")
+    with pytest.raises(SystemExit):  # argparse: "argument --max_steps: invalid int value: 'many'"
+        parse_args(["--config", bad_type])
+    with pytest.raises(ValueError, match="not used by the HfArgumentParser.*no_such_flag"):
+        parse_args(["--config", str(DEMO), "--no_such_flag", "1"])
+
+
+def test_recipes_are_read_with_safe_yaml(tmp_path):
+    evil = write_recipe(tmp_path, "output_dir: !!python/object/apply:os.getcwd []\n")
+    with pytest.raises(yaml.constructor.ConstructorError):
+        make_parser().parse_args_and_config(["--config", evil])
+
+
+def test_trust_remote_code_is_off_unless_the_recipe_sets_it(tmp_path):
+    _, training_args, model_args, _ = parse_args(["--config", str(DEMO)])
+    assert model_init_kwargs(training_args, model_args)["trust_remote_code"] is False
+    trusting = write_recipe(tmp_path, DEMO.read_text() + "trust_remote_code: true\n")
+    _, training_args, model_args, _ = parse_args(["--config", trusting])
+    assert model_init_kwargs(training_args, model_args)["trust_remote_code"] is True
+
+
+def test_usage_and_unknown_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 2 and "trl-qaloss train" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit"])
+    assert exit_.value.code == 2 and "unknown command 'fit'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo recipe, 2 steps of batch 8, in this process: `(trainer, output_dir, printed text)`."""
+    from trl_qaloss.cli import train
+
+    out = tmp_path_factory.mktemp("demo")
+    args = parse_args(["--config", str(DEMO), "--output_dir", str(out), "--per_device_train_batch_size", "8", *SHORT])
+    trainer = train(*args)
+    return trainer, out
+
+
+def test_demo_trains_4bit_qlora_and_saves_the_adapter(demo_run):
+    from bitsandbytes.nn import Linear4bit
+    from peft.tuners.lora import LoraLayer
+
+    trainer, out = demo_run
+    model = trainer.model
+    linear4bit = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    lora = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert len(linear4bit) == 14 and len(lora) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    assert linear4bit[0].weight.quant_state.quant_type == "nf4" and linear4bit[0].weight.quant_state.nested
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    logs = [log for log in trainer.state.log_history if "set_loss" in log]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor([log["loss"], log["set_loss"]])).all() for log in logs)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["log_history"][0]["loss"] == trainer.state.log_history[0]["loss"]
+
+
+def test_saved_adapter_reloads_onto_the_4bit_base_with_the_same_logits(demo_run):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    trainer, out = demo_run
+    # TRL keeps QLoRA adapters in bf16 (the QLoRA paper's choice), so they are saved in bf16 ...
+    saved = load_file(out / "adapter_model.safetensors")
+    assert len(saved) == 28 and {t.dtype for t in saved.values()} == {torch.bfloat16}
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    batch = tokenizer(["Tell me about vobipol. <QA> who rules vobipol? <A>"], return_tensors="pt")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    base = AutoModelForCausalLM.from_pretrained(MODEL_DIR, quantization_config=quantization, dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, out).eval()
+    # ... and PEFT loads them upcast to fp32; back in bf16 they compute exactly as during training.
+    for name, param in reloaded.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(torch.bfloat16)
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        expected, got = trained(**batch).logits, reloaded(**batch).logits
+        with reloaded.disable_adapter():
+            base_logits = reloaded(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert (base_logits - expected).abs().max() > 1e-3  # the adapter changes the model: it was trained
+
+
+def test_accelerate_launch_2_processes_matches_one_process(demo_run, tmp_path):
+    """`accelerate launch --num_processes 2` on CPU (gloo), 2 x 4 rows per step; the first step is the same global
+    batch of 8 as the one-process run, so the first logged losses agree."""
+    trainer, _ = demo_run
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    ddp = str(ROOT / "recipes" / "accelerate" / "ddp.yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ddp,
+           "--num_processes", "2", "--main_process_port", "29517", "-m", "trl_qaloss", "train", "--config", str(DEMO),
+           "--output_dir", str(tmp_path), "--per_device_train_batch_size", "4", *SHORT]  # fmt: skip
+    # A session of its own, so that a hang kills the launcher's workers too, not only the launcher.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("accelerate launch did not finish in 300 s:\n" + stdout[-3000:] + stderr[-3000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "LoRA adapter saved to" in stdout and (tmp_path / "adapter_model.safetensors").is_file()
+    first = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"][0]
+    expected = trainer.state.log_history[0]
+    for key in ("loss", "ce_loss", "set_loss"):
+        assert first[key] == pytest.approx(expected[key], rel=1e-4), key
+    assert first["set/target_answers"] == expected["set/target_answers"]
+
+
+def test_init_from_config_builds_random_weights_at_the_configs_size(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from trl import get_quantization_config
+
+    from trl_qaloss.cli import model_from_config
+
+    _, training_args, model_args, _ = parse_args(["--output_dir", str(tmp_path), "--init_from_config", "true"])
+    shipped = load_file(MODEL_DIR / "model.safetensors")
+    model = model_from_config(model_args, training_args, None)
+    weights = dict(model.named_parameters())
+    assert {k: v.shape for k, v in shipped.items()} == {k: weights[k].shape for k in shipped}
+    assert not torch.equal(weights["lm_head.weight"], shipped["lm_head.weight"])
+    # with 4-bit, the random weights are written once, then quantized on loading like real ones
+    path = model_from_config(model_args, training_args, get_quantization_config(model_args))
+    assert path == str(tmp_path / "init-from-config") and (tmp_path / "init-from-config" / "tokenizer.json").is_file()
+    written = load_file(tmp_path / "init-from-config" / "model.safetensors")
+    assert not torch.equal(written["lm_head.weight"], shipped["lm_head.weight"])
+    assert AutoModelForCausalLM.from_pretrained(path).config.hidden_size == model.config.hidden_size
