@@ -14,17 +14,15 @@
    `SFTTrainer`, on the same model and batch.
 
 Extra peak memory: on CUDA, `torch.cuda.max_memory_allocated` over the allocated memory before the call; on the CPU,
-the peak resident set of the process during the call (`VmHWM`, reset through `/proc/self/clear_refs`) over the
-resident set before it, with glibc told to `mmap` every block of 64 KiB or more so freed tensors leave the resident
-set (tracemalloc does not see torch's allocations). For forward + backward, the logits' gradient (the size of the
-logits, the same for every loss) is subtracted. Times are medians; ratios are taken within one run.
+the peak of the running sum of the allocations and frees that torch's profiler records during the call
+(`profile_memory=True`; tracemalloc does not see torch's allocations). For forward + backward, the logits' gradient (the
+size of the logits, the same for every loss) is subtracted. Times are medians; ratios are taken within one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import os
 import platform
@@ -44,7 +42,7 @@ sys.path.insert(0, str(ROOT))  # trl_qaloss and the tests' offline fixtures, wit
 
 from tests.conftest import build_tokenizer, config_values, qa_text, tiny_llama  # noqa: E402
 from trl_qaloss import QASeparators, set_matching_loss  # noqa: E402
-from trl_qaloss.logprobs import rows_view  # noqa: E402
+from trl_qaloss.logprobs import rows_view, vocab_stats  # noqa: E402
 from trl_qaloss.reference import set_matching_loss_reference  # noqa: E402
 
 QA, ANSWER, QEND, EOS = 1, 2, 3, 0
@@ -127,22 +125,14 @@ def timed(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _mmap_large_blocks() -> None:
-    # M_MMAP_THRESHOLD (-3): a fixed threshold, so every freed block of 64 KiB or more goes back to the system and the
-    # resident set follows the live tensors.
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
-    except (OSError, AttributeError):
-        pass
-
-
 def peak_extra_bytes(fn, device: torch.device) -> int | None:
-    """Peak memory during `fn()` over the memory before it (see the module docstring); None if not measurable."""
+    """Peak memory that `fn()` allocates over what was allocated before it; None if not measurable.
+
+    CUDA: `torch.cuda.max_memory_allocated` over `memory_allocated` before the call. CPU: the running sum of the
+    allocations and frees that torch's profiler records (`profile_memory=True`), in time order; its maximum is the
+    peak of torch's own CPU allocations during the call (tracemalloc does not see them, and the resident set of a
+    process on a shared machine also moves with the file pages the kernel evicts).
+    """
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -151,14 +141,20 @@ def peak_extra_bytes(fn, device: torch.device) -> int | None:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        base = _proc_status_kib("VmRSS")
-    except (OSError, StopIteration):
+        events = prof.profiler.kineto_results.events()
+    except AttributeError:
         return None
-    fn()
-    return (_proc_status_kib("VmHWM") - base) * 1024
+    deltas = sorted(
+        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type().name == "CPU"
+    )
+    peak = total = 0
+    for _, delta in deltas:
+        total += delta
+        peak = max(peak, total)
+    return peak
 
 
 def stage_shares(fn) -> dict[str, float]:
@@ -214,12 +210,16 @@ def bench_loss(size, dtype, device, args) -> list[dict]:
             if name == "naive" and backward and logits_bytes > args.naive_backward_max_mib * MIB:
                 row[name] = None  # its backward builds a full-size gradient per pair: minutes at this size
                 continue
-            if name == "naive" and backward:  # one call, timed and measured at once
+            if name == "naive" and backward:  # one timed call (minutes at the larger sizes), then the measured one
                 start = time.perf_counter()
-                extra = peak_extra_bytes(call, device)
+                call()
                 row[name], row[f"{name}_repeats"] = time.perf_counter() - start, 1
+                logits.grad = None  # freed before the measured call, not during it
+                extra = peak_extra_bytes(call, device) if logits_bytes <= 200 * MIB else None
             else:
-                extra = peak_extra_bytes(call, device)  # also the warm-up call
+                call()  # warm-up
+                logits.grad = None
+                extra = peak_extra_bytes(call, device)
                 repeats = args.repeats_backward if backward else args.repeats
                 row[name], row[f"{name}_repeats"] = timed(call, repeats, device), repeats
             row[f"{name}_mem"] = None if extra is None else max(0, extra - grad_bytes) / logits_bytes
@@ -231,6 +231,12 @@ def bench_loss(size, dtype, device, args) -> list[dict]:
                 loss.backward()
 
         row["stages"] = stage_shares(vectorized_call)
+        if not backward:
+            # The floor of any forward, naive or not: one max/argmax pass over the labelled rows (the predictions).
+            valid = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+            rows_read = valid[0] * length + valid[1]
+            argmax_pass = lambda rows_read=rows_read: vocab_stats(logits, rows_read, with_lse=False)  # noqa: E731
+            row["argmax_pass"] = timed(argmax_pass, args.repeats, device)
         logits.grad = None
     row["stats"] = set_matching_loss(logits.detach(), labels, seps).stats
     return rows
@@ -279,7 +285,12 @@ def bench_step(name: str, load_model, tokenizer, args_values: dict, peft_config,
             step()  # warm-up: allocates the parameters' gradients, which then stay
             extra = peak_extra_bytes(step, device)
             seconds = timed(step, repeats, device)
-            rows.append(dict(model=name, trainer=label, shape=tuple(batch["input_ids"].shape), time=seconds, mem=extra))
+            shares = stage_shares(step)
+            rows.append(
+                dict(model=name, trainer=label, shape=tuple(batch["input_ids"].shape), time=seconds, mem=extra,
+                     loss_share=sum(v for k, v in shares.items() if k != "other"),
+                     set_share=sum(shares[k] for k in ("parsing", "IoU", "assignment")))
+            )  # fmt: skip
             del trainer, step
             gc.collect()
             if device.type == "cuda":
@@ -366,20 +377,21 @@ def fmt_mem(fraction: float | None) -> str:
 def loss_tables(rows: list[dict]) -> list[str]:
     lines = [
         "| B | T | V | mode | `set_matching_loss` | reference (naive) | `F.cross_entropy` | naive / vectorized "
-        "| vectorized / CE | extra peak memory, % of logits: vectorized / naive / CE |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        "| vectorized / CE | argmax pass alone | extra peak memory, % of logits: vectorized / naive / CE |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         head = f"| {r['B']} | {r['T']} | {r['V']} | {r['mode']} "
         if "skipped" in r:
-            lines.append(head + f"| skipped: {r['skipped']} | | | | | |")
+            lines.append(head + f"| skipped: {r['skipped']} | | | | | | |")
             continue
         vec, naive, ce = r["vectorized"], r["naive"], r["cross_entropy"]
         speedup = f"{naive / vec:.1f}x" if naive is not None else "n/a"
         mems = " / ".join(fmt_mem(r.get(f"{n}_mem")) for n in ("vectorized", "naive", "cross_entropy"))
         naive_text = fmt_time(naive) + (" (1 run)" if naive is not None and r.get("naive_repeats") == 1 else "")
         lines.append(
-            head + f"| {fmt_time(vec)} | {naive_text} | {fmt_time(ce)} | {speedup} | {vec / ce:.2f}x | {mems} |"
+            head + f"| {fmt_time(vec)} | {naive_text} | {fmt_time(ce)} | {speedup} | {vec / ce:.2f}x "
+            f"| {fmt_time(r['argmax_pass']) if 'argmax_pass' in r else ''} | {mems} |"
         )
     lines += ["", "Share of the vectorized loss's time per stage (one profiled call):", ""]
     names = [*STAGES.values(), "other"]
@@ -393,16 +405,18 @@ def loss_tables(rows: list[dict]) -> list[str]:
 
 def step_table(rows: list[dict]) -> list[str]:
     lines = [
-        "| model | batch [B, T] | trainer | step time | extra peak memory | time ratio | memory ratio |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| model | batch [B, T] | trainer | step time | extra peak memory | time ratio | memory ratio "
+        "| `qaloss.*` stages, % of step (of which parsing, IoU, assignment) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for plain, ours in zip(rows[::2], rows[1::2], strict=True):
         for r in (plain, ours):
             mem = "n/a" if r["mem"] is None else f"{r['mem'] / MIB:.1f} MiB"
-            ratios = "| |"
+            ratios = "| | |"
             if r is ours:
                 mem_ratio = "n/a" if None in (r["mem"], plain["mem"]) else f"{r['mem'] / max(plain['mem'], 1):.2f}"
-                ratios = f"| {r['time'] / plain['time']:.2f} | {mem_ratio} |"
+                ratios = f"| {r['time'] / plain['time']:.2f} | {mem_ratio} "
+                ratios += f"| {100 * r['loss_share']:.0f}% ({100 * r['set_share']:.0f}%) |"
             shape = list(r["shape"])
             lines.append(f"| {r['model']} | {shape} | {r['trainer']} | {r['time'] * 1e3:.0f} ms | {mem} {ratios}")
     return lines
@@ -477,9 +491,9 @@ def main() -> None:
         help="torch CPU threads (default 1: on a shared machine, multi-threaded small ops mostly wait on each other)",
     )  # fmt: skip
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--append", action="store_true", help="append the tables to --output instead of replacing it")
     args = parser.parse_args()
 
-    _mmap_large_blocks()
     torch.set_num_threads(args.threads)
     gpu = args.gpu or args.check_gpu_path
     device = torch.device("cuda" if args.gpu else "cpu")
@@ -532,8 +546,11 @@ def main() -> None:
     lines += ["## Targets", ""] + targets(loss_rows, step_rows, fixed) + [""]
     text = "\n".join(lines)
     print(text)
-    if not args.check_gpu_path:
-        args.output.write_text(text)
+    if args.check_gpu_path:
+        return
+    if args.append and args.output.exists():
+        text = args.output.read_text() + "\n---\n\n" + text
+    args.output.write_text(text)
 
 
 if __name__ == "__main__":
