@@ -9,7 +9,9 @@
    `logits.view(-1, V)`, labels shifted by padding, so no copy of the logits before it), forward and forward +
    backward. Rows hold realistic completions (a masked prompt, then items of 2-6 answers); the logits' argmax spells
    the target with its answers shuffled inside each item and 10% of tokens replaced, so most pairs are matched and
-   some are not. The time share of each stage comes from the `qaloss.*` profiler labels of one profiled call.
+   some are not. The time share of each stage comes from the `qaloss.*` profiler labels of one profiled call (host
+   time: on CUDA, a stage's kernels are counted in the first later stage that waits for them). "argmax pass alone"
+   is one max/argmax pass over the labelled rows: the floor of any forward, naive or vectorized.
 2. Training step (forward, loss, backward: `Trainer.training_step`) of `QALossSFTTrainer` against plain
    `SFTTrainer`, on the same model and batch.
 
@@ -529,7 +531,9 @@ def main() -> None:
         f"`{command.strip()}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(device)}; "
         f"{time.perf_counter() - started:.0f} s in all.",
         "",
-        "Ratios are taken within one run; on a shared machine the absolute times vary from run to run.",
+        "Ratios are taken within one run, on a machine shared with other jobs: absolute times vary from run to run. "
+        "`skipped: slow`: the naive backward builds a full-size gradient per pair (`--naive-backward-max-mib`); "
+        "`skipped: memory`: the size needs more than `--memory-budget-gib`.",
         "",
     ]
     if loss_rows:
