@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
-from .logprobs import selected_log_probs, vocab_stats
+from .logprobs import log_sum_exp, selected_log_probs, vocab_stats
 from .matching import AnswerSetMatcher, AnswerSets, group_answers
 from .parsing import AnswerTokens, parse_answer_tokens, sequence_index
 from .separators import QASeparators
@@ -36,15 +37,16 @@ class SetLossTerms:
     Attributes:
         set_sum: 0-dim float32, sum of all pair costs.
         stats: as in `SetLossOutput`.
-        rows_b, rows_p: `[R]` coordinates of the valid positions; lse `[R]` their log-sum-exp; argmax `[R]`;
-            entropy `[R]` or None. Callers reuse them for the SFT term instead of another pass over the logits.
+        rows_b, rows_p: `[R]` coordinates of the valid positions; argmax `[R]`; lse `[R]` their log-sum-exp (None
+            unless `with_sft` or `with_entropy`: the set term alone reads only its pairs' rows); entropy `[R]` or
+            None. Callers reuse them for the SFT term instead of another pass over the logits.
     """
 
     set_sum: torch.Tensor
     stats: dict[str, float]
     rows_b: torch.Tensor
     rows_p: torch.Tensor
-    lse: torch.Tensor
+    lse: torch.Tensor | None
     argmax: torch.Tensor
     entropy: torch.Tensor | None
     sft_log_probs: torch.Tensor | None = None
@@ -93,38 +95,51 @@ def set_loss_terms(
     targets = targets.to(device)
     valid = targets != -100
     rows_b, rows_p = valid.nonzero(as_tuple=True)  # [R]
-    lse, argmax, entropy = vocab_stats(logits, rows_b, rows_p, with_entropy)
+    rows = rows_b * logits.size(1) + rows_p  # rows of logits.view(-1, V)
+    with record_function("qaloss.vocab_stats"):
+        # The SFT term and the entropy need every row's log-sum-exp; the set term alone only that of the rows its
+        # pairs read, computed once those are known.
+        stats_of_rows = vocab_stats(logits, rows, with_lse=with_sft or with_entropy, with_entropy=with_entropy)
     predictions = torch.zeros_like(targets)
-    predictions[rows_b, rows_p] = argmax
+    predictions[rows_b, rows_p] = stats_of_rows.argmax
 
-    target_tokens = parse_answer_tokens(targets, valid, seps, vocab_size, seq_starts)
-    pred_tokens = parse_answer_tokens(predictions, valid, seps, vocab_size, seq_starts)
-    # The k-th predicted item of a sequence is paired with its k-th target item; extra predicted items are ignored.
-    num_items = target_tokens.num_items
-    item_offset = num_items.cumsum(0) - num_items  # [S]
-    pred_tokens = pred_tokens.select(pred_tokens.item <= num_items[pred_tokens.seq])
-    total_items = int(num_items.sum())
-    target = group_answers(target_tokens, item_offset[target_tokens.seq] + target_tokens.item - 1, total_items)
-    pred = group_answers(pred_tokens, item_offset[pred_tokens.seq] + pred_tokens.item - 1, total_items)
+    with record_function("qaloss.parse"):
+        target_tokens = parse_answer_tokens(targets, valid, seps, vocab_size, seq_starts)
+        pred_tokens = parse_answer_tokens(predictions, valid, seps, vocab_size, seq_starts)
+        # The k-th predicted item of a sequence is paired with its k-th target item; extra predicted items are
+        # ignored.
+        num_items = target_tokens.num_items
+        item_offset = num_items.cumsum(0) - num_items  # [S]
+        pred_tokens = pred_tokens.select(pred_tokens.item <= num_items[pred_tokens.seq])
+        total_items = int(num_items.sum())
+        target = group_answers(target_tokens, item_offset[target_tokens.seq] + target_tokens.item - 1, total_items)
+        pred = group_answers(pred_tokens, item_offset[pred_tokens.seq] + pred_tokens.item - 1, total_items)
     matching = AnswerSetMatcher()(pred_tokens, pred, target_tokens, target)
 
-    seq_of = None if seq_starts is None else sequence_index(seq_starts, valid.shape, device)
-    entry_b, entry_p, entry_y, num_uniform = _pair_entries(
-        matching.matched_pred, matching.matched_target, pred_tokens, pred, target_tokens, target, valid, seq_of
-    )
-    # A pair token read at an invalid position, and every token of a missing answer, costs log(V): a uniform guess.
-    num_uniform = num_uniform + int(target.length[matching.missing_target].sum())
+    with record_function("qaloss.pair_ce"):
+        seq_of = None if seq_starts is None else sequence_index(seq_starts, valid.shape, device)
+        entry_b, entry_p, entry_y, num_uniform = _pair_entries(
+            matching.matched_pred, matching.matched_target, pred_tokens, pred, target_tokens, target, valid, seq_of
+        )
+        # A pair token read at an invalid position, and every token of a missing answer, costs log(V): a uniform
+        # guess.
+        num_uniform = num_uniform + int(target.length[matching.missing_target].sum())
 
-    # Map each entry to its row among the valid positions (entries are all at valid positions).
-    row_of = torch.full((batch, num_pos), -1, dtype=torch.long, device=device)
-    row_of[rows_b, rows_p] = torch.arange(rows_b.numel(), device=device)
-    entry_row, entry_token = row_of[entry_b, entry_p], entry_y
-    if with_sft:
-        entry_row = torch.cat([torch.arange(rows_b.numel(), device=device), entry_row])
-        entry_token = torch.cat([targets[rows_b, rows_p], entry_token])
-    log_probs = selected_log_probs(logits, rows_b, rows_p, lse, entry_row, entry_token)
-    num_sft = rows_b.numel() if with_sft else 0
-    set_sum = -log_probs[num_sft:].sum() + num_uniform * math.log(vocab_size)
+        # Map each entry to its row among the valid positions (entries are all at valid positions).
+        row_of = torch.full((batch, num_pos), -1, dtype=torch.long, device=device)
+        row_of[rows_b, rows_p] = torch.arange(rows_b.numel(), device=device)
+        entry_row, entry_token = row_of[entry_b, entry_p], entry_y
+        if with_sft:
+            entry_row = torch.cat([torch.arange(rows_b.numel(), device=device), entry_row])
+            entry_token = torch.cat([targets[rows_b, rows_p], entry_token])
+        read_rows, lse = rows, stats_of_rows.lse
+        if lse is None:
+            read, entry_row = torch.unique(entry_row, return_inverse=True)
+            read_rows = rows[read]
+            lse = log_sum_exp(logits, read_rows, stats_of_rows.max[read])
+        log_probs = selected_log_probs(logits, read_rows, lse, entry_row, entry_token)
+        num_sft = rows_b.numel() if with_sft else 0
+        set_sum = -log_probs[num_sft:].sum() + num_uniform * math.log(vocab_size)
 
     num_matched = matching.matched_pred.numel()
     stats = {
@@ -135,7 +150,16 @@ def set_loss_terms(
         "extra": float(matching.num_extra),
         "mean_iou": float(matching.matched_iou.mean()) if num_matched else 0.0,
     }
-    return SetLossTerms(set_sum, stats, rows_b, rows_p, lse, argmax, entropy, log_probs[:num_sft] if with_sft else None)
+    return SetLossTerms(
+        set_sum,
+        stats,
+        rows_b,
+        rows_p,
+        stats_of_rows.lse,
+        stats_of_rows.argmax,
+        stats_of_rows.entropy,
+        log_probs[:num_sft] if with_sft else None,
+    )
 
 
 def _pair_entries(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from torch.profiler import record_function
 
 from .parsing import AnswerTokens
 
@@ -76,21 +77,25 @@ class AnswerSetMatcher:
         device = target.per_item.device
         num_items = target.per_item.numel()
         sizes = torch.maximum(pred.per_item, target.per_item)  # [I]
-        iou = self.iou_matrices(pred_tokens, pred, target_tokens, target, int(sizes.max()) if num_items else 0)
+        with record_function("qaloss.iou"):
+            iou = self.iou_matrices(pred_tokens, pred, target_tokens, target, int(sizes.max()) if num_items else 0)
+            cost = (-iou).cpu().numpy()
 
-        # Items where one side is empty have nothing to align: every answer there is missing or extra.
-        to_solve = ((pred.per_item > 0) & (target.per_item > 0)).nonzero().flatten().tolist()
-        cost = (-iou).cpu().numpy()
-        sizes_host = sizes.tolist()
-        items, rows, cols = [], [], []
-        for i in to_solve:
-            n = sizes_host[i]
-            r, c = linear_sum_assignment(cost[i, :n, :n]) if n > 1 else (np.zeros(1, int), np.zeros(1, int))
-            items.append(np.full(n, i))
-            rows.append(r)
-            cols.append(c)
-        as_tensor = lambda parts: torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0, int), device=device)  # noqa: E731
-        item, row, col = as_tensor(items), as_tensor(rows), as_tensor(cols)
+        with record_function("qaloss.assignment"):
+            # Items where one side is empty have nothing to align: every answer there is missing or extra.
+            to_solve = ((pred.per_item > 0) & (target.per_item > 0)).nonzero().flatten().tolist()
+            sizes_host = sizes.tolist()
+            items, rows, cols = [], [], []
+            for i in to_solve:
+                n = sizes_host[i]
+                r, c = linear_sum_assignment(cost[i, :n, :n]) if n > 1 else (np.zeros(1, int), np.zeros(1, int))
+                items.append(np.full(n, i))
+                rows.append(r)
+                cols.append(c)
+            item, row, col = (
+                torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0, int), device=device)
+                for parts in (items, rows, cols)
+            )
 
         m, n = pred.per_item[item], target.per_item[item]
         both = (row < m) & (col < n)
