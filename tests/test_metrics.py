@@ -153,17 +153,18 @@ def visible_text(tokenizer, ids, seps) -> str:
     return tokenizer.decode([i for i in ids if i not in hidden], skip_special_tokens=False)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(st.lists(st.sampled_from(PIECES), max_size=40))
 def test_text_parser_matches_token_parser(tokenizer, seps, pieces):
     """On tokenized completions, `parse_qa_text` finds the answers `parse_row` and the batch parser find."""
     ids = tokenizer.encode("".join(pieces), add_special_tokens=False)
+    # Compared without whitespace: the token parser drops whitespace-only tokens, so `? ?"` decodes as `??"` there.
     by_tokens = [
-        [" ".join(tokenizer.decode([t for _, t in answer]).split()) for answer in item]
+        ["".join(tokenizer.decode([t for _, t in answer]).split()) for answer in item]
         for item in parse_row(ids, list(range(len(ids))), seps)
     ]
     by_text = [
-        [" ".join(a.split()) for a in item.answers] for item in parse_qa_text(visible_text(tokenizer, ids, seps))
+        ["".join(a.split()) for a in item.answers] for item in parse_qa_text(visible_text(tokenizer, ids, seps))
     ]
     assert by_text == by_tokens
     if ids:  # the batch parser agrees on the number of items and of answer tokens
