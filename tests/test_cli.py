@@ -231,3 +231,19 @@ def test_init_from_config_builds_random_weights_at_the_configs_size(tmp_path):
     written = load_file(tmp_path / "init-from-config" / "model.safetensors")
     assert not torch.equal(written["lm_head.weight"], shipped["lm_head.weight"])
     assert AutoModelForCausalLM.from_pretrained(path).config.hidden_size == model.config.hidden_size
+
+
+def test_resume_true_in_a_recipe_resumes_from_the_last_complete_checkpoint(tmp_path):
+    """`resume_from_checkpoint: true` (a string to the parser) resumes, and skips a half-written checkpoint."""
+    from trl_qaloss.cli import train
+
+    out = tmp_path / "run"
+    common = ["--config", str(DEMO), "--output_dir", str(out), "--per_device_train_batch_size", "4", *SHORT]
+    train(*parse_args([*common, "--save_strategy", "steps", "--save_steps", "1"]))
+    # A run killed while saving checkpoint-2: its trainer_state.json, written last, is missing.
+    (out / "checkpoint-2" / "trainer_state.json").unlink()
+    _, training_args, _, _ = parse_args([*common, "--resume_from_checkpoint", "true", "--max_steps", "3"])
+    assert training_args.resume_from_checkpoint == "true"
+    trainer = train(*parse_args([*common, "--resume_from_checkpoint", "true", "--max_steps", "3"]))
+    steps = [log["step"] for log in trainer.state.log_history if "set_loss" in log]
+    assert trainer.state.global_step == 3 and steps == [1, 2, 3]  # step 1 from checkpoint-1, then 2 and 3 again

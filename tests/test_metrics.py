@@ -163,9 +163,7 @@ def test_text_parser_matches_token_parser(tokenizer, seps, pieces):
         ["".join(tokenizer.decode([t for _, t in answer]).split()) for answer in item]
         for item in parse_row(ids, list(range(len(ids))), seps)
     ]
-    by_text = [
-        ["".join(a.split()) for a in item.answers] for item in parse_qa_text(visible_text(tokenizer, ids, seps))
-    ]
+    by_text = [["".join(a.split()) for a in item.answers] for item in parse_qa_text(visible_text(tokenizer, ids, seps))]
     assert by_text == by_tokens
     if ids:  # the batch parser agrees on the number of items and of answer tokens
         batch = parse_answer_tokens(

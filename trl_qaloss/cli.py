@@ -147,6 +147,19 @@ def model_from_config(model_args: ModelConfig, training_args: QALossConfig, quan
     return path
 
 
+def resume_argument(value: str | bool | None) -> str | bool | None:
+    """`resume_from_checkpoint` as `Trainer.train` takes it: `True` for the last complete checkpoint, or a path.
+
+    `TrainingArguments` declares the field a string, so `resume_from_checkpoint: true` in a recipe (or the flag
+    `--resume_from_checkpoint true`) arrives as the text "true", which `train` would read as a directory name.
+    """
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1"):
+        return True
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("false", "no", "0", "")):
+        return None
+    return value
+
+
 def train(script_args, training_args, model_args, dataset_args):
     """Build the trainer from parsed arguments, train, save and optionally push; returns the trainer."""
     from trl import get_peft_config, get_quantization_config
@@ -173,7 +186,7 @@ def train(script_args, training_args, model_args, dataset_args):
         quantization_config=quantization_config if isinstance(model, str) else None,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
     trainer.accelerator.print("Training completed.")
 
     trainer.save_model(training_args.output_dir)
