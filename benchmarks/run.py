@@ -102,7 +102,7 @@ def make_batch(batch: int, length: int, vocab: int, dtype=torch.float32, device=
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The floor: Hugging Face's causal-LM loss, one `F.cross_entropy` over every row of the logits."""
+    """The reference point: Hugging Face's causal-LM loss, one `F.cross_entropy` over every row of the logits."""
     shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
     return F.cross_entropy(rows_view(logits).float(), shifted.reshape(-1), ignore_index=-100)
 

@@ -106,7 +106,12 @@ def test_peft_conversational_and_named_eval_datasets(tokenizer, tmp_path):
 def test_errors(tokenizer, tmp_path):
     model = tiny_llama(len(tokenizer))
     with pytest.raises(ValueError, match="eval_dataset"):
-        QALossSFTTrainer(model=model, args=eval_args(tmp_path), train_dataset=qa_dataset(4), processing_class=tokenizer)
+        QALossSFTTrainer(model=model, args=eval_args(tmp_path, eval_strategy="steps"), train_dataset=qa_dataset(4),
+                         processing_class=tokenizer)  # fmt: skip
+    # Evaluation turned off altogether (a recipe run with `--eval_strategy no`): no callback, no error.
+    trainer = QALossSFTTrainer(model=model, args=eval_args(tmp_path), train_dataset=qa_dataset(4),
+                               processing_class=tokenizer)  # fmt: skip
+    assert not any(isinstance(cb, QASetEvalCallback) for cb in trainer.callback_handler.callbacks)
     text = Dataset.from_list([{"text": r["prompt"] + r["completion"]} for r in qa_dataset(4)])
     with pytest.raises(ValueError, match="no prompt"):
         QALossSFTTrainer(model=model, args=eval_args(tmp_path), train_dataset=text, eval_dataset=text,

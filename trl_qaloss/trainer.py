@@ -105,7 +105,11 @@ class QALossSFTTrainer(SFTTrainer):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
         self._set_tokens_in_batch = None
-        if args.eval_generate_samples > 0:
+        if args.eval_generate_samples > 0 and self.eval_dataset is None and args.eval_strategy == "no":
+            # A recipe that turns evaluation off (`--eval_strategy no`) also turns off its generation metrics.
+            logger.warning("`eval_generate_samples` is set, but there is no eval dataset and `eval_strategy` is 'no': "
+                           "the answer-set evaluation is off.")  # fmt: skip
+        elif args.eval_generate_samples > 0:
             self.add_callback(QASetEvalCallback(self))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
