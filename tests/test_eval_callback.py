@@ -6,10 +6,11 @@ import copy
 import math
 
 import pytest
+import torch
 from datasets import Dataset
 
 from tests.conftest import CHAT_TEMPLATE, qa_config, qa_dataset, tiny_llama
-from trl_qaloss import QALossSFTTrainer, QASetEvalCallback
+from trl_qaloss import QALossSFTTrainer, QASetEvalCallback, answer_set_scores
 
 KEYS = ("set_f1", "set_precision", "set_recall", "soft_f1", "cardinality_error", "parse_failures")
 
@@ -47,6 +48,13 @@ def test_metrics_logged_during_training_and_by_evaluate(trainer):
         assert math.isfinite(metrics[f"eval_{key}"]) and logged[-1][f"eval_{key}"] == metrics[f"eval_{key}"]
     assert metrics["eval_num_examples"] == 4 and 0 <= metrics["eval_parse_failures"] <= 4
     assert "eval_loss" in metrics and "eval_set_loss" in metrics
+    # The logged values are the scores of the greedy completions against the references, not just present.
+    callback = eval_callback(trainer)
+    prompts, references = callback._samples(trainer.eval_dataset)
+    with torch.no_grad():
+        expected = answer_set_scores(callback._generate(prompts), references)
+    for key in KEYS:
+        assert metrics[f"eval_{key}"] == pytest.approx(expected[key])
 
 
 def test_prompts_and_references_come_from_the_tokenized_rows(trainer, tokenizer):
