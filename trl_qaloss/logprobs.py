@@ -51,6 +51,16 @@ def _gather(flat: torch.Tensor, rows: torch.Tensor, buffer: torch.Tensor) -> tor
     return out.copy_(flat.index_select(0, rows))
 
 
+def _gathered_chunks(logits: torch.Tensor, rows: torch.Tensor):
+    """Yield `(start, end, x)` over `rows` in cache-sized chunks, `x` `[end - start, V]` the float32 rows
+    `logits.view(-1, V)[rows[start:end]]`, written into one reused buffer (valid until the next chunk)."""
+    flat = rows_view(logits)
+    step = _rows_per_chunk(logits.size(-1), logits.device)
+    buffer = torch.empty(min(step, rows.numel()), logits.size(-1), dtype=torch.float32, device=logits.device)
+    for start, end in _row_chunks(rows.numel(), step):
+        yield start, end, _gather(flat, rows[start:end], buffer)
+
+
 @dataclass
 class VocabStats:
     """Per-row statistics over the vocabulary, float32 whatever the logits' dtype.
@@ -78,21 +88,19 @@ def vocab_stats(
         with_lse, with_entropy: also compute the log-sum-exp (`with_entropy` implies it) and the entropy.
     """
     with_lse = with_lse or with_entropy
-    num_rows, vocab_size = rows.numel(), logits.size(-1)
+    num_rows = rows.numel()
     new = lambda dtype=torch.float32: torch.empty(num_rows, dtype=dtype, device=logits.device)  # noqa: E731
     stats = VocabStats(new(), new(torch.long), new() if with_lse else None, new() if with_entropy else None)
-    flat = rows_view(logits)
-    step = _rows_per_chunk(vocab_size, logits.device)
-    buffer = torch.empty(min(step, num_rows), vocab_size, dtype=torch.float32, device=logits.device)
-    exp_buffer = torch.empty_like(buffer) if with_entropy else None
-    for start, end in _row_chunks(num_rows, step):
-        x = _gather(flat, rows[start:end], buffer)
+    exp_buffer = None
+    for start, end, x in _gathered_chunks(logits, rows):
         row_max, row_argmax = x.max(dim=-1)
         stats.max[start:end], stats.argmax[start:end] = row_max, row_argmax
         if not with_lse:
             continue
         shifted = x.sub_(row_max[:, None])  # <= 0
         if with_entropy:
+            if exp_buffer is None:  # the first chunk is the largest
+                exp_buffer = torch.empty_like(x)
             e = torch.exp(shifted, out=exp_buffer[: end - start])
             total = e.sum(-1)
             # H = -sum p log p = log(total) - sum(e * shifted) / total, with p = e / total.
@@ -108,14 +116,10 @@ def vocab_stats(
 def log_sum_exp(logits: torch.Tensor, rows: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
     """`[R]` float32 log-sum-exp of the rows `logits.view(-1, V)[rows]`, given their `row_max` `[R]` (from
     `vocab_stats`): one read of each row, no second max reduction."""
-    num_rows, vocab_size = rows.numel(), logits.size(-1)
-    lse = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
-    flat = rows_view(logits)
-    step = _rows_per_chunk(vocab_size, logits.device)
-    buffer = torch.empty(min(step, num_rows), vocab_size, dtype=torch.float32, device=logits.device)
-    for start, end in _row_chunks(num_rows, step):
+    lse = torch.empty(rows.numel(), dtype=torch.float32, device=logits.device)
+    for start, end, x in _gathered_chunks(logits, rows):
         m = row_max[start:end]
-        lse[start:end] = _gather(flat, rows[start:end], buffer).sub_(m[:, None]).exp_().sum(-1).log_().add_(m)
+        lse[start:end] = x.sub_(m[:, None]).exp_().sum(-1).log_().add_(m)
     return lse
 
 
@@ -144,16 +148,12 @@ class _SelectedLogProbs(torch.autograd.Function):
             local, tokens, g = local[order], entry_token[order], grad_out[order].float()
             row_weight = torch.zeros(active.numel(), dtype=torch.float32, device=grad.device).index_add_(0, local, g)
             bounds = torch.searchsorted(local, torch.arange(active.numel() + 1, device=local.device)).tolist()
-            flat = rows_view(logits)
-            step = _rows_per_chunk(vocab_size, grad.device)
-            buffer = torch.empty(min(step, active.numel()), vocab_size, dtype=torch.float32, device=grad.device)
-            for start, end in _row_chunks(active.numel(), step):
-                read = rows[active[start:end]]
-                block = _gather(flat, read, buffer).sub_(lse[active[start:end], None])
-                block.exp_().mul_(-row_weight[start:end, None])
+            read_rows = rows[active]
+            for start, end, block in _gathered_chunks(logits, read_rows):
+                block.sub_(lse[active[start:end], None]).exp_().mul_(-row_weight[start:end, None])
                 lo, hi = bounds[start], bounds[end]
                 block.index_put_((local[lo:hi] - start, tokens[lo:hi]), g[lo:hi], accumulate=True)
-                flat_grad.index_copy_(0, read, block.to(grad.dtype))
+                flat_grad.index_copy_(0, read_rows[start:end], block.to(grad.dtype))
         return grad, None, None, None, None
 
 
