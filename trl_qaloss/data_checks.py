@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from datasets import Dataset
 
-from .parsing import parse_answer_tokens
+from .loss import count_target_answer_tokens
 from .separators import QASeparators
 
 # Rows parsed at a time; the scan stops at the first batch with a target answer, so a good dataset costs one batch.
@@ -79,9 +79,7 @@ def check_set_targets(dataset, seps: QASeparators, tokenizer, name: str, args) -
             seq_starts = seq_starts[:, 1:]
         targets = labels[:, 1:]
         valid = targets != -100
-        num_ids = max(seps.vocab_size or 0, int(targets.max()) + 1)
-        answers = parse_answer_tokens(targets, valid, seps, num_ids, seq_starts)
-        if answers.row.numel():
+        if count_target_answer_tokens(targets, seps, seq_starts):
             return
         has_qa = (valid & (targets == seps.qa_id)).any(1)
         for i in range(len(rows)):
