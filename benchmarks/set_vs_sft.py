@@ -18,7 +18,6 @@ Writes `<out>.md` (tables: mean and standard deviation over seeds, per-seed valu
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -26,11 +25,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from trl_qaloss import QALossConfig, QALossSFTTrainer, QASeparators, set_matching_loss
-from trl_qaloss.data import format_qas
+from trl_qaloss.data import load_qa_dataset
 from trl_qaloss.demo import DATA_DIR, MODEL_DIR
 
 METHODS = {"plain SFT": 0.0, "SFT + set loss": 1.0}
@@ -46,11 +44,6 @@ METRICS = [  # (key in the final evaluation, label, format)
     ("heldout_ce", "held-out SFT cross-entropy", "{:.4f}"),
     ("heldout_set_loss", "held-out set loss", "{:.4f}"),
 ]
-
-
-def load_split(name: str) -> Dataset:
-    with open(DATA_DIR / f"{name}.jsonl") as f:
-        return Dataset.from_list([format_qas(json.loads(line), i) for i, line in enumerate(f)])
 
 
 class HeldOutLosses(TrainerCallback):
@@ -81,6 +74,7 @@ class HeldOutLosses(TrainerCallback):
 def run(method: str, seed: int, args: argparse.Namespace, out_dir: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR)
+    demo = load_qa_dataset(str(DATA_DIR))  # splits "train" and "test" (eval.jsonl)
     config = QALossConfig(
         output_dir=out_dir, seed=seed, data_seed=seed, lambda_ce=1.0, lambda_set=METHODS[method],
         max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
@@ -91,7 +85,7 @@ def run(method: str, seed: int, args: argparse.Namespace, out_dir: str) -> dict:
         gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True,
     )  # fmt: skip
     trainer = QALossSFTTrainer(
-        model=model, args=config, train_dataset=load_split("train"), eval_dataset=load_split("eval"),
+        model=model, args=config, train_dataset=demo["train"], eval_dataset=demo["test"],
         processing_class=tokenizer,
     )  # fmt: skip
     losses = HeldOutLosses(trainer, QASeparators.from_tokenizer(tokenizer))
