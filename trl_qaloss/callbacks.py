@@ -10,7 +10,7 @@ from transformers import GenerationConfig, ProcessorMixin, TrainerCallback
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
-from .metrics import answer_set_scores
+from .metrics import MATCH_QUESTIONS, answer_set_scores
 
 
 def split_prompt_and_reference(input_ids: list[int], labels: list[int], row: int) -> tuple[list[int], list[int]]:
@@ -42,7 +42,8 @@ class QASetEvalCallback(TrainerCallback):
 
     The metrics are added to the `metrics` of `evaluate()` (so `metric_for_best_model="eval_set_f1"` works) and
     logged with the trainer's `log` under the evaluation's prefix (`eval_set_f1`, `eval_set_precision`,
-    `eval_set_recall`, `eval_soft_f1`, `eval_cardinality_error`, `eval_parse_failures`, ...), so they reach
+    `eval_set_recall`, `eval_soft_f1`, `eval_exact_set_match`, `eval_duplicate_rate`, `eval_cardinality_error`,
+    `eval_parse_failures`, ...), so they reach
     `state.log_history` and every `report_to` integration. `QALossSFTTrainer` adds this callback when
     `eval_generate_samples > 0`; with another trainer, `trainer.add_callback(QASetEvalCallback(trainer, 16))`.
 
@@ -52,10 +53,12 @@ class QASetEvalCallback(TrainerCallback):
         max_new_tokens: default `trainer.args.eval_max_new_tokens`, else 128.
         batch_size: prompts per `generate` call; default `trainer.args.eval_generate_batch_size`, else
             `per_device_eval_batch_size`.
+        match_questions: how generated items are paired with reference items, `"position"` or `"text"` (see
+            `answer_set_scores`); default `trainer.args.eval_match_questions`, else `"position"`.
     """
 
     def __init__(self, trainer, num_samples: int | None = None, max_new_tokens: int | None = None,
-                 batch_size: int | None = None):  # fmt: skip
+                 batch_size: int | None = None, match_questions: str | None = None):  # fmt: skip
         args = trainer.args
         self.trainer = trainer
         self.num_samples = num_samples if num_samples is not None else getattr(args, "eval_generate_samples", 0)
@@ -63,6 +66,9 @@ class QASetEvalCallback(TrainerCallback):
         self.batch_size = (
             batch_size or getattr(args, "eval_generate_batch_size", None) or args.per_device_eval_batch_size
         )
+        self.match_questions = match_questions or getattr(args, "eval_match_questions", "position")
+        if self.match_questions not in MATCH_QUESTIONS:
+            raise ValueError(f"`match_questions` must be one of {MATCH_QUESTIONS}, got {self.match_questions!r}.")
         self.separators = tuple(getattr(args, name, default) for name, default in
                                 (("qa_token", "<QA>"), ("answer_token", "<A>"), ("question_end", "?")))  # fmt: skip
         if self.num_samples < 1:
@@ -152,7 +158,7 @@ class QASetEvalCallback(TrainerCallback):
                 order = gather_object(list(local))
                 predictions = gather_object(predictions)
             references = [references[i] for i in order]
-            scores = answer_set_scores(predictions, references, *self.separators)
+            scores = answer_set_scores(predictions, references, *self.separators, match_questions=self.match_questions)
             logs = {f"{prefix}_{key}": value for key, value in scores.items()}
             metrics.update(logs)
             # Logged in eval mode: TRL's `log` reads the mode to decide which of its own metrics to flush.
