@@ -300,6 +300,19 @@ def bench_step(name: str, load_model, tokenizer, args_values: dict, peft_config,
     return rows
 
 
+def small_llama():
+    """A small Llama with random weights: hidden 256, 4 layers, V=32000."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=1,
+        eos_token_id=2, bos_token_id=None,
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_config(config)
+
+
 def cpu_step_benchmarks(args) -> list[dict]:
     tokenizer = build_tokenizer()
     values = config_values(
@@ -309,17 +322,6 @@ def cpu_step_benchmarks(args) -> list[dict]:
         "tiny Llama (tests: hidden 32, 2 layers, V=600)",
         lambda: tiny_llama(len(tokenizer)), tokenizer, values, None, torch.device("cpu"), args.step_repeats,
     )  # fmt: skip
-
-    def small_llama():
-        from transformers import AutoModelForCausalLM, LlamaConfig
-
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-            num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=1,
-            eos_token_id=2, bos_token_id=None,
-        )  # fmt: skip
-        return AutoModelForCausalLM.from_config(config)
 
     return rows + bench_step(
         "small Llama (hidden 256, 4 layers, V=32000)", small_llama, tokenizer, values, None, torch.device("cpu"),

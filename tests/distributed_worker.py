@@ -16,11 +16,17 @@ from tests.conftest import build_tokenizer, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer
 
 GLOBAL_BATCH = 8
-# (name, config overrides): the CE and set terms, each reduction, and gradient accumulation on top of the processes.
+# (name, config overrides): the CE and set terms, each reduction, each answer order, and gradient accumulation on top
+# of the processes.
 SETTINGS = {
     "both_mean": dict(lambda_ce=1.0, lambda_set=1.0),
     "set_mean": dict(lambda_ce=0.0, lambda_set=1.0),
     "set_sum": dict(lambda_ce=0.0, lambda_set=1.0, set_loss_reduction="sum"),
+    # Each answer order, with both terms, and "aligned" with the CE term alone (the plain SFTTrainer loss).
+    "canonical": dict(lambda_ce=1.0, lambda_set=1.0, answer_order="canonical"),
+    "preferred": dict(lambda_ce=1.0, lambda_set=1.0, answer_order="preferred"),
+    "aligned": dict(lambda_ce=1.0, lambda_set=1.0, answer_order="aligned"),
+    "aligned_ce": dict(lambda_ce=1.0, lambda_set=0.0, answer_order="aligned"),
 }
 
 

@@ -1,5 +1,6 @@
 """trl-qaloss: an order-invariant answer-set loss for TRL's SFTTrainer."""
 
+from .answer_order import ANSWER_ORDERS, reorder_answers
 from .callbacks import QASetEvalCallback
 from .config import QALossConfig
 from .loss import SetLossOutput, set_matching_loss
@@ -8,12 +9,14 @@ from .separators import QASeparators
 from .trainer import QALossSFTTrainer
 
 __all__ = [
+    "ANSWER_ORDERS",
     "QALossConfig",
     "QALossSFTTrainer",
     "QASeparators",
     "QASetEvalCallback",
     "SetLossOutput",
     "answer_set_scores",
+    "reorder_answers",
     "set_matching_loss",
 ]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .answer_order import ANSWER_ORDERS
 from .loss import REDUCTIONS
 from .metrics import MATCH_QUESTIONS
 
@@ -16,16 +17,20 @@ class QALossConfig(SFTConfig):
     r"""
     Configuration for [`QALossSFTTrainer`]: every [`~trl.SFTConfig`] field, plus the set-matching loss.
 
-    Training minimises `lambda_ce * SFT_cross_entropy + lambda_set * set_loss` (the seed's `LAMBDA1` and `LAMBDA2`).
+    Training minimises `lambda_ce * SFT_cross_entropy + lambda_set * set_loss` .
 
     Parameters:
         lambda_ce (`float`, defaults to `1.0`): weight of the SFT cross-entropy.
-        lambda_set (`float`, defaults to `1.0`): weight of the set-matching loss; `0` trains exactly like `SFTTrainer`.
+        lambda_set (`float`, defaults to `1.0`): weight of the set-matching loss; `0` with `answer_order="data"` trains
+            exactly like `SFTTrainer`.
         qa_token (`str`, defaults to `"<QA>"`): token that starts each question/answer item.
         answer_token (`str`, defaults to `"<A>"`): token that starts each answer.
         question_end (`str`, defaults to `"?"`): text that ends a question; every token containing it does.
         set_loss_reduction (`str`, defaults to `"mean"`): `"mean"` divides the summed pair costs by the number of
             target answer tokens, `"sum"` keeps the sum.
+        answer_order (`str`, defaults to `"data"`): how each item's target answers are ordered before both loss
+            terms read them, in training: `"data"`, `"canonical"`, `"preferred"` or `"aligned"` (see
+            [`reorder_answers`]). Evaluation losses use the targets as given.
         eval_generate_samples (`int`, defaults to `0`): at each evaluation, complete this many eval prompts (the
             first rows of the eval dataset, greedy) and log answer-set metrics (`eval_set_f1`, ...; see
             [`QASetEvalCallback`]). `0` turns it off.
@@ -38,11 +43,13 @@ class QALossConfig(SFTConfig):
     """
 
     lambda_ce: float = field(
-        default=1.0, metadata={"help": "Weight of the SFT cross-entropy term (the seed's LAMBDA1)."}
+        default=1.0, metadata={"help": "Weight of the SFT cross-entropy term."}
     )
     lambda_set: float = field(
         default=1.0,
-        metadata={"help": "Weight of the set-matching loss (the seed's LAMBDA2). 0 trains exactly like SFTTrainer."},
+        metadata={
+            "help": "Weight of the set-matching loss. 0 (with answer_order 'data') trains exactly like SFTTrainer."
+        },
     )
     qa_token: str = field(default="<QA>", metadata={"help": "Token that starts each question/answer item."})
     answer_token: str = field(default="<A>", metadata={"help": "Token that starts each answer."})
@@ -55,6 +62,17 @@ class QALossConfig(SFTConfig):
             "help": "How the set loss is reduced: 'mean' (summed pair costs over the number of target answer tokens) "
             "or 'sum'.",
             "choices": list(REDUCTIONS),
+        },
+    )
+
+    answer_order: str = field(
+        default="data",
+        metadata={
+            "help": "Order of each item's target answers during training: 'data' (as given), 'canonical' (sorted by "
+            "token ids), 'preferred' (the answer the model scores highest first) or 'aligned' (the model's own "
+            "answers, matched by token IoU). Every mode rewrites the target sequence itself, so both loss terms "
+            "train on a consistent context; 'preferred' and 'aligned' cost one extra forward without gradient.",
+            "choices": list(ANSWER_ORDERS),
         },
     )
 
@@ -102,6 +120,8 @@ class QALossConfig(SFTConfig):
             raise ValueError(
                 f"`question_end`={self.question_end!r} is a separator; set it to the text ending questions, e.g. '?'."
             )
+        if self.answer_order not in ANSWER_ORDERS:
+            raise ValueError(f"`answer_order` must be one of {ANSWER_ORDERS}, got {self.answer_order!r}.")
         if self.set_loss_reduction not in REDUCTIONS:
             raise ValueError(f"`set_loss_reduction` must be one of {REDUCTIONS}, got {self.set_loss_reduction!r}.")
         if self.eval_match_questions not in MATCH_QUESTIONS:

@@ -9,7 +9,7 @@ import torch
 from torch.profiler import record_function
 
 from .logprobs import log_sum_exp, selected_log_probs, vocab_stats
-from .matching import AnswerSetMatcher, AnswerSets, group_answers
+from .matching import AnswerSets, align_answers
 from .parsing import AnswerTokens, parse_answer_tokens, sequence_index
 from .separators import QASeparators
 
@@ -103,18 +103,9 @@ def set_loss_terms(
     predictions = torch.zeros_like(targets)
     predictions[rows_b, rows_p] = stats_of_rows.argmax
 
-    with record_function("qaloss.parse"):
-        target_tokens = parse_answer_tokens(targets, valid, seps, vocab_size, seq_starts)
-        pred_tokens = parse_answer_tokens(predictions, valid, seps, vocab_size, seq_starts)
-        # The k-th predicted item of a sequence is paired with its k-th target item; extra predicted items are
-        # ignored.
-        num_items = target_tokens.num_items
-        item_offset = num_items.cumsum(0) - num_items  # [S]
-        pred_tokens = pred_tokens.select(pred_tokens.item <= num_items[pred_tokens.seq])
-        total_items = int(num_items.sum())
-        target = group_answers(target_tokens, item_offset[target_tokens.seq] + target_tokens.item - 1, total_items)
-        pred = group_answers(pred_tokens, item_offset[pred_tokens.seq] + pred_tokens.item - 1, total_items)
-    matching = AnswerSetMatcher()(pred_tokens, pred, target_tokens, target)
+    alignment = align_answers(targets, predictions, valid, seps, vocab_size, seq_starts)
+    target_tokens, pred_tokens = alignment.target_tokens, alignment.pred_tokens
+    target, pred, matching = alignment.target, alignment.pred, alignment.matching
 
     with record_function("qaloss.pair_ce"):
         seq_of = None if seq_starts is None else sequence_index(seq_starts, valid.shape, device)

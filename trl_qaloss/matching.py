@@ -9,7 +9,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch.profiler import record_function
 
-from .parsing import AnswerTokens
+from .parsing import AnswerTokens, parse_answer_tokens
+from .separators import QASeparators
 
 
 @dataclass
@@ -142,3 +143,45 @@ class AnswerSetMatcher:
         inter = torch.bmm(pred_hot, target_hot.transpose(1, 2)).double()
         union = pred_hot.sum(-1).double()[:, :, None] + target_hot.sum(-1).double()[:, None, :] - inter
         return torch.where(union > 0, inter / union.clamp(min=1), 0.0)
+
+
+@dataclass
+class Alignment:
+    """Parsed target and predicted answers of a batch and their assignment (see `align_answers`)."""
+
+    target_tokens: AnswerTokens
+    pred_tokens: AnswerTokens
+    target: AnswerSets
+    pred: AnswerSets
+    matching: Matching
+
+
+def align_answers(
+    targets: torch.Tensor,
+    predictions: torch.Tensor,
+    valid: torch.Tensor,
+    seps: QASeparators,
+    num_ids: int,
+    seq_starts: torch.Tensor | None = None,
+) -> Alignment:
+    """Parse targets and predictions into answer sets and align every item's answers by token IoU.
+
+    The k-th predicted item of a sequence is paired with its k-th target item; extra predicted items are ignored.
+
+    Args:
+        targets, predictions: `[B, P]` token ids (predictions: the argmax at each target's position).
+        valid: `[B, P]` bool, the positions to read (labels != -100).
+        seps: the separators and token classes. num_ids: vocabulary size.
+        seq_starts: optional `[B, P]` bool sequence starts of packed rows.
+    """
+    with record_function("qaloss.parse"):
+        target_tokens = parse_answer_tokens(targets, valid, seps, num_ids, seq_starts)
+        pred_tokens = parse_answer_tokens(predictions, valid, seps, num_ids, seq_starts)
+        num_items = target_tokens.num_items
+        item_offset = num_items.cumsum(0) - num_items  # [S]
+        pred_tokens = pred_tokens.select(pred_tokens.item <= num_items[pred_tokens.seq])
+        total_items = int(num_items.sum())
+        target = group_answers(target_tokens, item_offset[target_tokens.seq] + target_tokens.item - 1, total_items)
+        pred = group_answers(pred_tokens, item_offset[pred_tokens.seq] + pred_tokens.item - 1, total_items)
+    matching = AnswerSetMatcher()(pred_tokens, pred, target_tokens, target)
+    return Alignment(target_tokens, pred_tokens, target, pred, matching)

@@ -27,6 +27,7 @@ class AnswerTokens:
         row, pos, token, item, answer, seq: `[E]` long tensors. `item` is 1-based within the sequence; `answer`
             numbers the answers of the row from 1 in order (dropped empty answers leave gaps); `seq` is the global
             index of the token's sequence (the row itself when rows are not packed).
+        start: `[E]` position of the `answer_id` token that starts the token's answer (None when not computed).
         num_items: `[S]` number of items in each sequence (S = B when rows are not packed).
     """
 
@@ -37,6 +38,7 @@ class AnswerTokens:
     answer: torch.Tensor
     num_items: torch.Tensor
     seq: torch.Tensor | None = None
+    start: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.seq is None:  # rows that are not packed: each row is one sequence
@@ -45,7 +47,7 @@ class AnswerTokens:
     def select(self, keep: torch.Tensor) -> AnswerTokens:
         return AnswerTokens(
             self.row[keep], self.pos[keep], self.token[keep], self.item[keep], self.answer[keep], self.num_items,
-            self.seq[keep],
+            self.seq[keep], None if self.start is None else self.start[keep],
         )  # fmt: skip
 
 
@@ -103,23 +105,30 @@ def parse_answer_tokens(
     in_answer = _count_since_last_qa(answer_start, starts) > 0
     keep = valid & in_answer & ~is_answer & ~is_qa & ~is_skip_table[tokens]
     row, pos = keep.nonzero(as_tuple=True)
+    # Answer starts come in increasing positions, so the last one at or before p is a running max (shifted by 1 so
+    # that a start at position 0 counts).
+    positions = torch.arange(1, tokens.size(1) + 1, device=tokens.device)
+    answer_pos = (positions * answer_start).cummax(1).values - 1
     seq = sequence_index(seq_starts, tokens.shape, tokens.device)
     num_seqs = int(seq[-1, -1]) + 1 if seq.numel() else tokens.size(0)
     num_items = torch.zeros(num_seqs, dtype=torch.long, device=tokens.device).index_add_(
         0, seq.flatten(), is_qa.long().flatten()
     )
-    return AnswerTokens(row, pos, tokens[row, pos], item[row, pos], answer[row, pos], num_items, seq[row, pos])
+    return AnswerTokens(
+        row, pos, tokens[row, pos], item[row, pos], answer[row, pos], num_items, seq[row, pos], answer_pos[row, pos]
+    )
 
 
 Answer = list[tuple[int, int]]  # (position, token) pairs
 
 
-def parse_row(tokens: list[int], positions: list[int], seps: QASeparators) -> list[list[Answer]]:
-    """Parse one row, token by token: the items, each a list of answers, each a list of (position, token) pairs.
+def parse_row_answers(tokens: list[int], positions: list[int], seps: QASeparators) -> list[list[tuple[int, Answer]]]:
+    """Parse one row, token by token: the items, each a list of `(start, answer)`: the position of the answer's
+    `answer_id` token and its (position, token) pairs. Answers without a kept token are dropped.
 
     `tokens[k]` sits at `positions[k]`; only the valid positions are passed.
     """
-    items: list[list[Answer]] = []
+    items: list[list[tuple[int, Answer]]] = []
     in_question = False
     answer: Answer | None = None
     for pos, tok in zip(positions, tokens, strict=True):
@@ -132,10 +141,18 @@ def parse_row(tokens: list[int], positions: list[int], seps: QASeparators) -> li
             in_question = not seps.is_question_end(tok)
         elif tok == seps.answer_id:
             answer = []
-            items[-1].append(answer)
+            items[-1].append((pos, answer))
         elif answer is not None and not seps.is_skip(tok):
             answer.append((pos, tok))
-    return [[a for a in item if a] for item in items]
+    return [[(start, a) for start, a in item if a] for item in items]
+
+
+def parse_row(tokens: list[int], positions: list[int], seps: QASeparators) -> list[list[Answer]]:
+    """Parse one row, token by token: the items, each a list of answers, each a list of (position, token) pairs.
+
+    `tokens[k]` sits at `positions[k]`; only the valid positions are passed.
+    """
+    return [[a for _, a in item] for item in parse_row_answers(tokens, positions, seps)]
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""The seed's naive set-matching loss: per example, per item, per pair, one cross-entropy call per pair.
+"""Plain per-row references: the set-matching loss (per example, per item, per pair, one cross-entropy call per
+pair) and the answer reordering.
 
-Kept as the executable specification the vectorized `set_matching_loss` is tested and benchmarked against.
+Kept as the executable specification the vectorized `set_matching_loss` and `reorder_answers` are tested and
+benchmarked against.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from .answer_order import check_reorder_inputs
 from .loss import SetLossOutput, _check_inputs, reduce_set_loss
-from .parsing import parse_row
+from .parsing import parse_row, parse_row_answers
 from .separators import QASeparators
 
 
@@ -101,3 +104,65 @@ def set_matching_loss_reference(
         "mean_iou": float(np.mean(ious)) if ious else 0.0,
     }
     return SetLossOutput(reduce_set_loss(total, target_tokens, reduction), stats)
+
+
+def _item_order(order: str, answers: list, logits_row, pred_answers: list | None) -> list[int]:
+    """The data indices of an item's answers in their new order. `answers`: `[(start, [(pos, tok), ...]), ...]`."""
+    tuples = [tuple(tok for _, tok in a) for _, a in answers]
+    if order == "canonical":
+        return sorted(range(len(answers)), key=lambda j: tuples[j])
+    if order == "preferred":
+        scoring_pos = answers[0][1][0][0]
+        scores = [float(logits_row[scoring_pos, t[0]].float()) for t in tuples]
+        return sorted(range(len(answers)), key=lambda j: -scores[j])
+    preds = [{tok for _, tok in p} for p in pred_answers]
+    targets = [set(t) for t in tuples]
+    n = max(len(preds), len(targets))
+    preds, targets_padded = preds + [set()] * (n - len(preds)), targets + [set()] * (n - len(targets))
+    iou = np.array([[_iou(p, t) for t in targets_padded] for p in preds]).reshape(n, n)
+    placed = {}
+    for i, j in zip(*linear_sum_assignment(-iou), strict=True):
+        if i < len(pred_answers) and j < len(targets) and iou[i, j] > 0:
+            placed[j] = i
+    return sorted(range(len(targets)), key=lambda j: (0, placed[j]) if j in placed else (1, j))
+
+
+def reorder_answers_reference(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    seps: QASeparators,
+    order: str = "data",
+    logits: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract and result as `trl_qaloss.reorder_answers`, item by item with plain Python lists."""
+    check_reorder_inputs(input_ids, labels, order, logits, position_ids)
+    new_ids, new_labels = input_ids.clone(), labels.clone()
+    if order == "data":
+        return new_ids, new_labels
+    targets = labels[:, 1:]
+    for b in range(targets.size(0)):
+        starts = None if position_ids is None else (position_ids[b, 1:] == 0).tolist()
+        for positions in _sequences((targets[b] != -100).nonzero().flatten().tolist(), starts):
+            valid = set(positions)
+            items = parse_row_answers(targets[b, positions].tolist(), positions, seps)
+            pred_items = []
+            if order == "aligned":
+                pred_items = parse_row(logits[b, positions].argmax(-1).tolist(), positions, seps)
+            for k, answers in enumerate(items):
+                spans = [(start, a[-1][0]) for start, a in answers]
+                if not spans or any(p not in valid for p in range(spans[0][0], spans[-1][1] + 1)):
+                    continue  # an item whose answers span an unlabelled position keeps its order
+                preds = pred_items[k] if k < len(pred_items) else []
+                new_order = _item_order(order, answers, logits[b] if logits is not None else None, preds)
+                source = []
+                for slot, j in enumerate(new_order):
+                    source += range(spans[j][0], spans[j][1] + 1)
+                    if slot + 1 < len(spans):
+                        source += range(spans[slot][1] + 1, spans[slot + 1][0])
+                # Shifted positions p are tokens p + 1 of the un-shifted rows.
+                dest = torch.arange(spans[0][0], spans[-1][1] + 1) + 1
+                source = torch.tensor(source, dtype=torch.long) + 1
+                new_ids[b, dest] = input_ids[b, source]
+                new_labels[b, dest] = labels[b, source]
+    return new_ids, new_labels

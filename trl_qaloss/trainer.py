@@ -11,11 +11,23 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin,
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
+from .answer_order import (
+    aligned_keys,
+    apply_answer_order,
+    argmax_predictions,
+    canonical_keys,
+    cores_of,
+    new_answer_order,
+    parse_cores,
+    preferred_keys,
+    preferred_score_positions,
+)
 from .callbacks import QASetEvalCallback
 from .checkpoints import resolve_resume_checkpoint
 from .config import QALossConfig
 from .data_checks import check_columns, check_set_targets
 from .loss import count_target_answer_tokens, reduce_set_loss, seq_starts_from, set_loss_terms
+from .matching import align_answers
 from .separators import QASeparators, is_single_token
 
 logger = logging.getLogger(__name__)
@@ -85,15 +97,22 @@ class QALossSFTTrainer(SFTTrainer):
         tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError("`processing_class` must be a tokenizer or a processor that holds one.")
+        # Both the set loss and the reordering read items; with neither, this is `SFTTrainer` itself.
+        reads_items = args.lambda_set > 0 or args.answer_order != "data"
         if args.lambda_set > 0:
             self._check_supported(args, kwargs, positional)
+        if reads_items:
             self._check_datasets(args, train_dataset, eval_dataset, kwargs.get("formatting_func") is not None)
             self._add_separator_tokens(model, tokenizer, args, peft_config)
 
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *positional,
                          peft_config=peft_config, **kwargs)  # fmt: skip
-        self.separators = QASeparators.from_tokenizer(tokenizer, args.qa_token, args.answer_token, args.question_end)
-        if args.lambda_set > 0 and self.train_dataset is not None:
+        self.separators = None
+        if reads_items:
+            self.separators = QASeparators.from_tokenizer(
+                tokenizer, args.qa_token, args.answer_token, args.question_end
+            )
+        if reads_items and self.train_dataset is not None:
             check_set_targets(self.train_dataset, self.separators, tokenizer, "train_dataset", args)
         if args.lambda_set > 0 and args.packing and not self.padding_free:
             logger.warning(
@@ -189,6 +208,9 @@ class QALossSFTTrainer(SFTTrainer):
         return batch_samples, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.answer_order != "data" and self.model.training:
+            # Both terms below then read the reordered batch: its contexts agree with the targets they predict.
+            inputs = self._reorder_answers(model, inputs)
         if self.args.lambda_set == 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
@@ -230,6 +252,63 @@ class QALossSFTTrainer(SFTTrainer):
 
         self._log_metrics(mode, inputs, terms, nll_sum.detach(), targets)
         return (loss, outputs) if return_outputs else loss
+
+    def _reorder_answers(self, model, inputs: dict) -> dict:
+        """`inputs` with `input_ids` and `labels` rewritten in the configured `answer_order` (see `reorder_answers`).
+
+        "preferred" and "aligned" run one forward without gradient on the batch as given, dropout off, keeping
+        only the logits they read: one position per item for "preferred", the labelled positions for "aligned".
+        The batch is left as it is when no item has two answers.
+        """
+        order = self.args.answer_order
+        labels = inputs["labels"]
+        targets = labels[:, 1:]
+        seq_starts = seq_starts_from(inputs.get("position_ids"))
+        num_ids = max(self.separators.vocab_size or 0, int(targets.max()) + 1 if targets.numel() else 1)
+        cores = parse_cores(targets, self.separators, num_ids, seq_starts)
+        if not cores.sets.per_item.numel() or int(cores.sets.per_item.max()) < 2:
+            return inputs
+        if order == "canonical":
+            keys = canonical_keys(cores)
+        elif order == "preferred":
+            rows, positions = preferred_score_positions(cores)
+            kept, index = positions.unique(return_inverse=True)
+            logits = self._scoring_logits(model, inputs, kept)
+            keys = preferred_keys(logits[rows, index, cores.first_token])
+        else:
+            valid = targets != -100
+            first = int(valid.any(0).nonzero()[0])
+            logits = self._scoring_logits(model, inputs, torch.arange(first, labels.size(1), device=labels.device))
+            predictions = torch.zeros_like(targets)
+            predictions[:, first:] = argmax_predictions(logits, targets[:, first:])
+            del logits
+            alignment = align_answers(targets, predictions, valid, self.separators, num_ids, seq_starts)
+            cores = cores_of(alignment.target_tokens, alignment.target, valid)
+            keys = aligned_keys(alignment)
+        input_ids, labels = apply_answer_order(inputs["input_ids"], labels, cores, new_answer_order(cores, keys))
+        return {**inputs, "input_ids": input_ids, "labels": labels}
+
+    @torch.no_grad()
+    def _scoring_logits(self, model, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
+        """`[B, K, V]` logits at the sorted `positions` `[K]` of a forward without gradient on `inputs`."""
+        forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        forward_inputs["use_cache"] = False
+        contiguous = positions.numel() and int(positions[-1]) - int(positions[0]) + 1 == positions.numel()
+        if self._accepts_logits_to_keep:
+            # A tail is kept with an int (every model takes it); other positions with a 1-D index tensor.
+            ends_the_row = contiguous and int(positions[-1]) == inputs["labels"].size(1) - 1
+            forward_inputs["logits_to_keep"] = positions.numel() if ends_the_row else positions
+        # Dropout off, so the order does not depend on a random mask. Only the dropout layers: in eval mode,
+        # bitsandbytes' 4-bit layers repack their weights in place on some CPUs, which breaks the next training step.
+        dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+        for m in dropouts:
+            m.eval()
+        try:
+            logits = model(**forward_inputs).logits
+        finally:
+            for m in dropouts:
+                m.train()
+        return logits if self._accepts_logits_to_keep else logits[:, positions]
 
     def _log_metrics(self, mode, inputs, terms, nll_sum, targets) -> None:
         gather = self.accelerator.gather_for_metrics

@@ -1,0 +1,203 @@
+"""`answer_order` in `QALossSFTTrainer`: both loss terms train on the reordered batch, and with `lambda_set=0` the
+loss is exactly `SFTTrainer`'s on it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from tests.conftest import WORDS, config_values, qa_config, qa_dataset, tiny_llama
+from tests.distributed_worker import copying_llama
+from trl_qaloss import QALossSFTTrainer, reorder_answers, set_matching_loss
+
+MODES = ("canonical", "preferred", "aligned")
+
+
+def swapping_llama(tokenizer):
+    """A copying Llama (see `copying_llama`) that says another word for each word of the data (pairs of words swap
+    places): its answers come in another order than the target's, so "aligned" moves them."""
+    model = copying_llama(len(tokenizer))
+    words = [ids[0] for ids in (tokenizer.encode(" " + w) for w in WORDS) if len(ids) == 1]
+    perm = torch.arange(len(tokenizer))
+    perm[words[0::2][: len(words) // 2]], perm[words[1::2][: len(words) // 2]] = (
+        torch.tensor(words[1::2][: len(words) // 2]),
+        torch.tensor(words[0::2][: len(words) // 2]),
+    )
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight[perm])
+    return model
+
+
+def first_batch(trainer):
+    batch = next(iter(trainer.get_train_dataloader()))
+    return {k: v.to(trainer.args.device) for k, v in batch.items()}
+
+
+def reordered(model, batch, seps, order):
+    """The batch reordered by `reorder_answers` from the full logits of an eval-mode forward."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model.train()
+    ids, labels = reorder_answers(batch["input_ids"], batch["labels"], seps, order, logits=logits)
+    return {**batch, "input_ids": ids, "labels": labels}
+
+
+@pytest.mark.parametrize("order", MODES)
+def test_lambda_set_zero_is_sft_on_the_reordered_batch(tokenizer, tmp_path, order):
+    model = swapping_llama(tokenizer)
+    trainer = QALossSFTTrainer(
+        model=copy.deepcopy(model),
+        args=qa_config(tmp_path, lambda_set=0.0, answer_order=order),
+        train_dataset=qa_dataset(),
+        processing_class=tokenizer,
+    )
+    batch = first_batch(trainer)
+    expected_batch = reordered(trainer.model, batch, trainer.separators, order)
+    assert not torch.equal(expected_batch["input_ids"], batch["input_ids"])  # the batch does change
+    trainer.model.train()
+    with torch.no_grad():
+        ours = trainer.compute_loss(trainer.model, dict(batch))
+    sft = SFTTrainer(
+        model=copy.deepcopy(model),
+        args=SFTConfig(**config_values(tmp_path)),
+        train_dataset=qa_dataset(),
+        processing_class=tokenizer,
+    )
+    sft.model.train()
+    with torch.no_grad():
+        expected = sft.compute_loss(sft.model, dict(expected_batch))
+        on_data_order = sft.compute_loss(sft.model, dict(batch))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=0)
+    assert not torch.isclose(ours, on_data_order, rtol=1e-6)
+
+
+@pytest.mark.parametrize("order", MODES)
+def test_both_terms_read_the_reordered_batch(tokenizer, tmp_path, order):
+    model = swapping_llama(tokenizer)
+    args = qa_config(tmp_path, lambda_ce=0.0, lambda_set=1.0, answer_order=order, set_loss_reduction="sum")
+    trainer = QALossSFTTrainer(model=model, args=args, train_dataset=qa_dataset(), processing_class=tokenizer)
+    batch = first_batch(trainer)
+    expected_batch = reordered(trainer.model, batch, trainer.separators, order)
+    trainer.model.train()
+    with torch.no_grad():
+        ours = trainer.compute_loss(trainer.model, dict(batch))
+        logits = trainer.model(input_ids=expected_batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = set_matching_loss(logits, expected_batch["labels"], trainer.separators, reduction="sum").loss
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_evaluation_reads_the_targets_as_given(tokenizer, tmp_path):
+    model = copying_llama(len(tokenizer))
+    losses = []
+    for order in ("data", "canonical"):
+        args = qa_config(tmp_path / order, lambda_set=0.0, answer_order=order, per_device_eval_batch_size=4)
+        trainer = QALossSFTTrainer(
+            model=copy.deepcopy(model),
+            args=args,
+            train_dataset=qa_dataset(),
+            eval_dataset=qa_dataset(8, seed=1),
+            processing_class=tokenizer,
+        )
+        losses.append(trainer.evaluate()["eval_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("order", MODES)
+@pytest.mark.parametrize("lambda_set", [0.0, 1.0])
+def test_each_mode_trains_lora(tokenizer, tmp_path, order, lambda_set):
+    from peft import LoraConfig
+
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    args = qa_config(tmp_path, max_steps=3, answer_order=order, lambda_set=lambda_set)
+    trainer = QALossSFTTrainer(
+        model=copying_llama(len(tokenizer)),
+        args=args,
+        train_dataset=qa_dataset(),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    changed = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert changed and all("lora_" in n for n in changed)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("order", MODES)
+def test_each_mode_trains_qlora_4bit(tokenizer, tmp_path, order):
+    import bitsandbytes as bnb
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "base")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model4 = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map="cpu")
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = QALossSFTTrainer(
+        model=model4,
+        args=qa_config(tmp_path / "out", max_steps=2, answer_order=order),
+        train_dataset=qa_dataset(),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "set_loss" in e]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor([e["loss"], e["set_loss"]])).all() for e in logs)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
+
+
+@pytest.mark.parametrize("order", ("data", *MODES))
+@pytest.mark.parametrize("lambda_set", [0.0, 1.0])
+def test_gradient_accumulation_matches_one_big_batch(tokenizer, tmp_path, order, lambda_set):
+    """2 micro-batches of 2 with accumulation give the loss and update of one batch of 4, in every mode."""
+    results = []
+    for batch_size, steps in ((4, 1), (2, 2)):
+        model = copying_llama(len(tokenizer))
+        args = qa_config(
+            tmp_path / f"ga{steps}",
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=steps,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            max_grad_norm=0.0,
+            answer_order=order,
+            lambda_set=lambda_set,
+        )
+        trainer = QALossSFTTrainer(model=model, args=args, train_dataset=qa_dataset(8), processing_class=tokenizer)
+        trainer.train()
+        results.append((trainer.state.log_history[0]["loss"], [p.detach().clone() for p in model.parameters()]))
+    (loss_big, params_big), (loss_acc, params_acc) = results
+    assert loss_acc == pytest.approx(loss_big, rel=1e-4)
+    for big, acc in zip(params_big, params_acc, strict=True):
+        torch.testing.assert_close(acc, big, rtol=1e-4, atol=1e-5)
+
+
+def test_config_rejects_an_unknown_order(tmp_path):
+    with pytest.raises(ValueError, match="answer_order"):
+        qa_config(tmp_path, answer_order="sorted")
+
+
+def test_no_separators_needed_without_set_loss_or_reordering(tmp_path):
+    """`lambda_set=0` with the data order is `SFTTrainer`: a tokenizer without the separators is fine."""
+    from tests.conftest import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    vocab = len(tokenizer)
+    trainer = QALossSFTTrainer(
+        model=tiny_llama(vocab),
+        args=qa_config(tmp_path, lambda_set=0.0, qa_token="<Q>"),
+        train_dataset=qa_dataset(),
+        processing_class=tokenizer,
+    )
+    assert trainer.separators is None and len(tokenizer) == vocab
