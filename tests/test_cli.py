@@ -170,7 +170,7 @@ def test_saved_adapter_reloads_onto_the_4bit_base_with_the_same_logits(demo_run)
     saved = load_file(out / "adapter_model.safetensors")
     assert len(saved) == 28 and {t.dtype for t in saved.values()} == {torch.bfloat16}
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    batch = tokenizer(["Tell me about vobipol. <QA> who rules vobipol? <A>"], return_tensors="pt")
+    batch = tokenizer(["Tell me about vobipol: its ruler. <QA> who rules vobipol? <A>"], return_tensors="pt")
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
     base = AutoModelForCausalLM.from_pretrained(MODEL_DIR, quantization_config=quantization, dtype=torch.float32)
