@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 
 from trl_qaloss import QALossConfig, QALossSFTTrainer
 from trl_qaloss.data import load_qa_dataset
@@ -178,6 +178,7 @@ def run(job: Job, settings: dict) -> dict:
         timer = StepTimer()
         trainer.add_callback(cross_entropy)
         trainer.add_callback(timer)
+        trainer.remove_callback(PrinterCallback)  # one line per run instead of every log
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
