@@ -251,7 +251,7 @@ def write_report(results: list[dict], args: argparse.Namespace, methods: list[st
         f"SFT (same seed). Full fine-tuning of the demo's tiny Llama, batch {args.batch_size}, lr "
         f"{args.learning_rate}, cosine with 5% warmup, {steps['full']} steps (full) or {steps['low']} (low budget).",
     ]
-    for task in TASKS:
+    for task in args.tasks:
         for budget in BUDGETS:
             lines += ["", f"**{task}, {budget} budget ({steps[budget]} steps)**", ""]
             lines += results_table(results, task, budget, methods)
@@ -269,9 +269,10 @@ def plot(results: list[dict], methods: list[str], args: argparse.Namespace, path
     import matplotlib.pyplot as plt
 
     panels = [(key, label) for key, label, _, plotted in METRICS if plotted]
-    fig, axes = plt.subplots(len(TASKS), len(panels), figsize=(4.2 * len(panels), 3.6 * len(TASKS)), squeeze=False)
+    tasks = args.tasks
+    fig, axes = plt.subplots(len(tasks), len(panels), figsize=(4.2 * len(panels), 3.6 * len(tasks)), squeeze=False)
     colors = plt.get_cmap("tab10").colors
-    for row, task in enumerate(TASKS):
+    for row, task in enumerate(tasks):
         for col, (key, label) in enumerate(panels):
             ax = axes[row][col]
             for method, color in zip(methods, colors, strict=False):
@@ -299,7 +300,7 @@ def make_jobs(args: argparse.Namespace, methods: list[str]) -> list[Job]:
     """Every (task, budget, seed, method) run, the longest first so the workers finish together."""
     jobs = [
         Job(task, budget, seed, method, budget_steps(args.max_steps, budget), args.evals if budget == "full" else 1)
-        for task in TASKS
+        for task in args.tasks
         for budget in BUDGETS
         for seed in args.seeds
         for method in methods
@@ -324,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
                         "written to set_vs_sft_quick.*")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"a subset of {list(METHODS)}")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--max_steps", type=int, default=480, help="steps of the full budget; the low one is 1/4")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
