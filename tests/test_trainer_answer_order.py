@@ -206,6 +206,20 @@ def test_gradient_accumulation_matches_one_big_batch(tokenizer, tmp_path, order,
         torch.testing.assert_close(acc, big, rtol=1e-4, atol=1e-5)
 
 
+def test_model_vocabulary_larger_than_the_tokenizer(tokenizer, tmp_path):
+    """Padded embeddings: the model predicts ids the tokenizer does not have (they parse as skip tokens)."""
+    model = tiny_llama(len(tokenizer) + 300, seed=1)
+    trainer = QALossSFTTrainer(
+        model=model,
+        args=qa_config(tmp_path, answer_order="aligned", lambda_set=0.0),
+        train_dataset=qa_dataset(),
+        processing_class=tokenizer,
+    )
+    batch = first_batch(trainer)
+    assert int(trainer._scoring_argmax(trainer.model, batch, batch["labels"][:, 1:]).max()) >= len(tokenizer)
+    trainer.train()
+
+
 def test_config_rejects_an_unknown_order(tmp_path):
     with pytest.raises(ValueError, match="answer_order"):
         qa_config(tmp_path, answer_order="sorted")

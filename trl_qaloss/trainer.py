@@ -283,6 +283,8 @@ class QALossSFTTrainer(SFTTrainer):
         else:
             predictions = self._scoring_argmax(model, inputs, targets)
             valid = targets != -100
+            # Models often have more output rows than the tokenizer has tokens; those ids are skip tokens.
+            num_ids = max(num_ids, int(predictions.max()) + 1)
             alignment = align_answers(targets, predictions, valid, self.separators, num_ids, seq_starts)
             cores = cores_of(alignment.target_tokens, alignment.target, valid)
             keys = aligned_keys(alignment)
