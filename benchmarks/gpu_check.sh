@@ -12,7 +12,8 @@
 #      the time left allows.
 # Wheels missing on the machine (trl, bitsandbytes, datasets, ...) are installed from .whl/ if that folder exists.
 # Writes OUT_DIR/{log, env.txt, qlora-7b.json, qlora-7b.md, run-gpu.md, qlora-72b.json, qlora-72b.md} and prints the
-# tables last. Environment: GPU_CHECK_BUDGET_S (default 470) bounds the whole script's wall time.
+# tables last. Environment: GPU_CHECK_BUDGET_S (default 470) bounds the whole script's wall time;
+# GPU_CHECK_TINY=1 runs every part at tiny sizes on the CPU (a smoke run of this script, about 2 minutes).
 set -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,23 +56,28 @@ part() {  # part NAME CAP_S COMMAND...: run COMMAND under `timeout`, logging its
     return 0
 }
 
+if [[ -n "${GPU_CHECK_TINY:-}" ]]; then
+    STEPS_SIZE=(--tiny --device cpu)
+    RUN_PY_MODE=(--check-gpu-path)
+else
+    STEPS_SIZE=()
+    RUN_PY_MODE=(--gpu --naive-backward-max-mib 0)
+fi
+
 {
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
-    "$PYTHON" -c "import torch, transformers, trl, peft, bitsandbytes, accelerate, datasets; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__, '| bitsandbytes', bitsandbytes.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__)"
-    "$PYTHON" -c "import trl_qaloss, sys; print('trl_qaloss from', trl_qaloss.__file__)"
-    nproc
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    "$PYTHON" -c "import os, torch, transformers, trl, peft, bitsandbytes, accelerate, datasets, trl_qaloss; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__, '| bitsandbytes', bitsandbytes.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__, '| trl_qaloss from', os.path.dirname(trl_qaloss.__file__), '|', os.cpu_count(), 'CPUs')"
     free -g | head -2
 } 2>&1 | tee "$OUT_DIR/env.txt"
 
 {
     part "7B QLoRA steps" 240 "$PYTHON" benchmarks/qlora_steps.py \
         --recipe recipes/qwen2.5-7b-instruct-qlora.yaml --model-config benchmarks/configs/qwen2.5-7b.json \
-        --warmup 2 --steps 3 --time-budget 200 --out "$OUT_DIR/qlora-7b.json"
-    part "run.py --gpu" 180 "$PYTHON" benchmarks/run.py --gpu --naive-backward-max-mib 0 \
-        --output "$OUT_DIR/run-gpu.md"
+        --warmup 2 --steps 3 --time-budget 200 --out "$OUT_DIR/qlora-7b.json" "${STEPS_SIZE[@]}"
+    part "run.py --gpu" 180 "$PYTHON" benchmarks/run.py "${RUN_PY_MODE[@]}" --output "$OUT_DIR/run-gpu.md"
     part "72B QLoRA steps" 200 "$PYTHON" benchmarks/qlora_steps.py \
         --recipe recipes/qwen2.5-72b-instruct-qlora.yaml --model-config benchmarks/configs/qwen2.5-72b.json \
-        --runs plain,recipe --warmup 1 --steps 1 --time-budget 150 --out "$OUT_DIR/qlora-72b.json"
+        --runs plain,recipe --warmup 1 --steps 1 --time-budget 150 --out "$OUT_DIR/qlora-72b.json" "${STEPS_SIZE[@]}"
 } 2>&1 | tee "$OUT_DIR/log"
 
 echo

@@ -485,7 +485,10 @@ def main() -> None:
         "--threads", type=int, default=1,
         help="torch CPU threads (default 1: on a shared machine, multi-threaded small ops mostly wait on each other)",
     )  # fmt: skip
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument(
+        "--output", type=Path,
+        help="where the tables go (default: benchmarks/RESULTS.md; with --check-gpu-path, nowhere unless given)",
+    )  # fmt: skip
     parser.add_argument("--append", action="store_true", help="append the tables to --output instead of replacing it")
     args = parser.parse_args()
 
@@ -543,8 +546,9 @@ def main() -> None:
     lines += ["## Targets", ""] + targets(loss_rows, step_rows, fixed) + [""]
     text = "\n".join(lines)
     print(text)
-    if args.check_gpu_path:
+    if args.output is None and args.check_gpu_path:
         return
+    args.output = args.output or ROOT / "benchmarks" / "RESULTS.md"
     if args.append and args.output.exists():
         text = args.output.read_text() + "\n---\n\n" + text
     args.output.write_text(text)
