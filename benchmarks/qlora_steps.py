@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -167,7 +168,8 @@ def markdown(report: dict) -> str:
         "",
         f"Batch [{meta['per_device_train_batch_size']}, {meta['max_length']}] per step (gradient accumulation "
         f"{meta['gradient_accumulation_steps']}), {meta['warmup']} warm-up + {meta['steps']} measured steps per run; "
-        f"random 4-bit weights drawn in {meta['draw_s']:.0f} s, loaded in {meta['load_s']:.0f} s; "
+        f"random 4-bit weights drawn in {meta['draw_s']:.0f} s, loaded ({meta['loaded_from']}) in "
+        f"{meta['load_s']:.0f} s; "
         f"weights on the device after loading: {fmt(meta.get('loaded_allocated_gib'), '.2f', ' GiB')}.",
         "",
         "| run | peak allocated | peak reserved | step time | tokens/s | time ratio | tokens/s ratio | memory ratio "
@@ -217,6 +219,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="tiny model and max_length: the code path, on the CPU")
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--checkpoint-dir", type=Path,
+        help="write the random 4-bit weights there and load them from the files (default: from memory)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="JSON results; the Markdown table goes next to it")
     parser.add_argument("recipe_flags", nargs="*", help="after --: more `--field value` flags for the recipe")
     args = parser.parse_args(argv)
@@ -258,9 +264,25 @@ def main(argv: list[str] | None = None) -> dict:
     load_kwargs = {k: v for k, v in load_kwargs.items() if k in ("dtype", "attn_implementation") and v is not None}
     if isinstance(load_kwargs.get("dtype"), str) and load_kwargs["dtype"] != "auto":
         load_kwargs["dtype"] = getattr(torch, load_kwargs["dtype"])
-    model, draw_s, load_s = load_random_4bit(
-        args.model_config, quantization_config, device, args.seed, TINY_MODEL if args.tiny else None, **load_kwargs
-    )
+    overrides = TINY_MODEL if args.tiny else None
+    loaded_from = "files" if args.checkpoint_dir else "state dict"
+    try:
+        model, draw_s, load_s = load_random_4bit(
+            args.model_config, quantization_config, device, args.seed, overrides, args.checkpoint_dir, **load_kwargs
+        )
+    except Exception:
+        if args.checkpoint_dir:
+            raise
+        # A transformers version that loads no pre-quantized state dict still loads the same tensors from files.
+        traceback.print_exc()
+        print("Loading the state dict failed; writing it as a checkpoint and loading that.", file=sys.stderr)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        model, draw_s, load_s = load_random_4bit(
+            args.model_config, quantization_config, device, args.seed, overrides, work / "checkpoint", **load_kwargs
+        )
+        loaded_from = "files, after the state dict failed"
     gc.collect()
     if device.type == "cuda":  # what loading left in the allocator's cache is not the training's
         torch.cuda.empty_cache()
@@ -269,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         meta=dict(
             model=model_name, recipe=Path(args.recipe).name, device=device_name(device),
             started=f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", draw_s=draw_s, load_s=load_s,
+            loaded_from=loaded_from,
             loaded_allocated_gib=torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None,
             per_device_train_batch_size=training_args.per_device_train_batch_size,
             gradient_accumulation_steps=args.gradient_accumulation_steps, max_length=training_args.max_length,
@@ -306,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
             del trainer
         except Exception as error:  # one failed run must not lose the others' figures
             run["error"] = f"{type(error).__name__}: {error}"
+            traceback.print_exc()
             print(f"run {name} failed: {run['error']}", file=sys.stderr, flush=True)
             if device.type == "cuda" and isinstance(error, torch.OutOfMemoryError):
                 run.update(meter.summary(args.warmup))

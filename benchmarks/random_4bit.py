@@ -13,7 +13,9 @@ embeddings, zero biases, unit norms.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig
@@ -86,19 +88,45 @@ def random_quantized_state_dict(
     return state
 
 
+def write_checkpoint(state: dict[str, torch.Tensor], config: PretrainedConfig, path: Path, shard_bytes: int) -> None:
+    """Write `state` and `config` to `path` as a sharded safetensors checkpoint, the layout `save_pretrained` gives."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(path)
+    shards, size = [{}], 0
+    for key, tensor in state.items():
+        tensor_bytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + tensor_bytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor.contiguous()
+        size += tensor_bytes
+    weight_map = {}
+    for index, shard in enumerate(shards):
+        name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
 def load_random_4bit(
     config: str | PretrainedConfig,
     quantization_config: BitsAndBytesConfig,
     device: torch.device,
     seed: int = 0,
     overrides: dict | None = None,
+    checkpoint_dir: str | Path | None = None,
     **load_kwargs,
 ):
     """`(model, seconds_to_draw, seconds_to_load)`: the 4-bit model of `config` (a config, or the path of a
     config.json or of a directory holding one; `overrides` applied to a path's), random weights drawn on `device` and
     loaded there by `from_pretrained`.
 
-    `load_kwargs` go to `from_pretrained` (`dtype`, `attn_implementation`, ...), as a recipe's `model_init_kwargs` do.
+    The drawn state dict is handed to `from_pretrained` directly; with `checkpoint_dir`, it is written there as a
+    checkpoint (about 0.55 bytes per parameter) and loaded from the files instead, exactly as a downloaded pre-quantized
+    model is. `load_kwargs` go to `from_pretrained` (`dtype`, `attn_implementation`, ...), as a recipe's
+    `model_init_kwargs` do.
     """
     import transformers
 
@@ -109,13 +137,11 @@ def load_random_4bit(
     config.quantization_config = quantization_config.to_dict()  # what a saved 4-bit checkpoint's config holds
     architecture = getattr(transformers, config.architectures[0])  # AutoModel's from_pretrained wants a path
     device_map = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    model = architecture.from_pretrained(
-        None,
-        config=config,
-        state_dict=state,
-        quantization_config=quantization_config,
-        device_map=device_map,
-        **load_kwargs,
-    )
-    del state
+    kwargs = dict(quantization_config=quantization_config, device_map=device_map, **load_kwargs)
+    if checkpoint_dir is None:
+        model = architecture.from_pretrained(None, config=config, state_dict=state, **kwargs)
+    else:
+        write_checkpoint(state, config, Path(checkpoint_dir), shard_bytes=4 << 30)
+        del state
+        model = architecture.from_pretrained(checkpoint_dir, **kwargs)
     return model, drawn - started, time.perf_counter() - drawn

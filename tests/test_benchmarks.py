@@ -98,12 +98,16 @@ def test_random_4bit_checkpoint_has_the_layout_transformers_writes_for_a_quantiz
         k: layout(k, v) for k, v in quantized_on_load.state_dict().items()
     }
 
-    model, _, _ = load_random_4bit(config, quantization, torch.device("cpu"), dtype=torch.bfloat16)
-    assert model.is_loaded_in_4bit and not isinstance(model.lm_head, bnb.nn.Linear4bit)
-    q_proj = model.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj, bnb.nn.Linear4bit) and torch.equal(
-        q_proj.weight.data, state["model.layers.0.self_attn.q_proj.weight"]
-    )
-    weight = bnb.functional.dequantize_4bit(q_proj.weight.data, q_proj.weight.quant_state)
-    assert weight.shape == (config.hidden_size, config.hidden_size)
-    assert abs(weight.float().std().item() - config.initializer_range) < 0.005
+    # From the state dict, and from a checkpoint written to disk (a downloaded pre-quantized model's path).
+    for checkpoint_dir in (None, tmp_path / "4bit"):
+        model, _, _ = load_random_4bit(
+            config, quantization, torch.device("cpu"), checkpoint_dir=checkpoint_dir, dtype=torch.bfloat16
+        )
+        assert model.is_loaded_in_4bit and not isinstance(model.lm_head, bnb.nn.Linear4bit)
+        q_proj = model.model.layers[0].self_attn.q_proj
+        assert isinstance(q_proj, bnb.nn.Linear4bit) and torch.equal(
+            q_proj.weight.data, state["model.layers.0.self_attn.q_proj.weight"]
+        )
+        weight = bnb.functional.dequantize_4bit(q_proj.weight.data, q_proj.weight.quant_state)
+        assert weight.shape == (config.hidden_size, config.hidden_size)
+        assert abs(weight.float().std().item() - config.initializer_range) < 0.005
