@@ -8,7 +8,7 @@
 #      random 4-bit weights): plain (lambda_set=0), the recipe, each answer_order mode: peak memory, tokens/s, ratios;
 #   2. benchmarks/run.py --gpu: the loss alone at B=8, T=2048, V=128256 and 151936 (bf16 logits; the naive
 #      reference's backward is skipped: minutes per call) and the 4-bit training step of a Llama-3.1-8B config;
-#   3. the same as 1 for recipes/qwen2.5-72b-instruct-qlora.yaml (plain and recipe runs, one measured step each), if
+#   3. the same as 1 for recipes/qwen2.5-72b-instruct-qlora.yaml (the recipe, then plain: one measured step each), if
 #      the time left allows.
 # Wheels missing on the machine (trl, bitsandbytes, datasets, ...) are installed from .whl/ if that folder exists.
 # Writes OUT_DIR/{log, env.txt, qlora-7b.json, qlora-7b.md, run-gpu.md, qlora-72b.json, qlora-72b.md} and prints the
@@ -77,7 +77,7 @@ fi
     part "run.py --gpu" 180 "$PYTHON" benchmarks/run.py "${RUN_PY_MODE[@]}" --output "$OUT_DIR/run-gpu.md"
     part "72B QLoRA steps" 200 "$PYTHON" benchmarks/qlora_steps.py \
         --recipe recipes/qwen2.5-72b-instruct-qlora.yaml --model-config benchmarks/configs/qwen2.5-72b.json \
-        --runs plain,recipe --warmup 1 --steps 1 --time-budget 150 --out "$OUT_DIR/qlora-72b.json" "${STEPS_SIZE[@]}"
+        --runs recipe,plain --warmup 1 --steps 1 --time-budget 150 --out "$OUT_DIR/qlora-72b.json" "${STEPS_SIZE[@]}"
 } 2>&1 | tee "$OUT_DIR/log"
 
 echo

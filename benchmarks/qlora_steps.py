@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", required=True, help="the recipe YAML (read by `trl-qaloss train`'s parser)")
     parser.add_argument("--model-config", required=True, help="the model's config.json (random weights are drawn)")
-    parser.add_argument("--runs", help="comma-separated run names to keep (default: all, see the module docstring)")
+    parser.add_argument("--runs", help="comma-separated names of the runs to do, in that order (default: all)")
     parser.add_argument("--warmup", type=int, default=2, help="steps per run before the measured ones")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per run")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
@@ -303,9 +303,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{load_s:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
 
     settings = run_settings(training_args)
-    if args.runs:  # "recipe" also keeps "recipe (answer_order=...)"
+    if args.runs:  # in the order given; "recipe" also names "recipe (answer_order=...)"
         keep = args.runs.split(",")
         settings = [(name, overrides) for name, overrides in settings if name.split(" (")[0] in keep]
+        settings.sort(key=lambda setting: keep.index(setting[0].split(" (")[0]))
     peft_config = get_peft_config(model_args)
     for index, (name, overrides) in enumerate(settings):
         if time.perf_counter() - started > args.time_budget:
