@@ -27,8 +27,12 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OF
 export WANDB_DISABLED=true
 
 if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl 2>&1 | tail -3
+    if "$PYTHON" -m pip --version >/dev/null 2>&1; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl 2>&1 | tail -3
+    else  # an environment without pip: a wheel is a zip of the files to install
+        "$PYTHON" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall("/tmp/site") for w in sys.argv[1:]]' .whl/*.whl
+    fi
     export PYTHONPATH="/tmp/site:$ROOT"
 else
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
