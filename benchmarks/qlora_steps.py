@@ -4,23 +4,25 @@
         --model-config benchmarks/configs/qwen2.5-7b.json --out /tmp/qlora-7b.json
     python benchmarks/qlora_steps.py --recipe ... --model-config ... --tiny   # same code path, tiny sizes, on the CPU
 
-The recipe is read by `trl-qaloss train`'s own parser (`trl_qaloss.cli.parse_args`), so its quantization, LoRA,
-batch size, `max_length`, gradient checkpointing, optimizer and loss settings are the ones measured; only what a
-measurement needs is overridden: the data (synthetic rows of `<QA> q? <A> a ...` items, each longer than
-`max_length`, so every row is truncated to exactly `max_length` tokens), `max_steps`, `gradient_accumulation_steps`
-(1 unless `--gradient-accumulation-steps`: every step is then one micro-batch), logging, saving and reporting.
+The recipe is read by `trl-qaloss train`'s own parser (`trl_qaloss.cli.parse_args`), so its quantization, LoRA, batch
+size, `max_length`, gradient checkpointing, optimizer and loss settings are the ones measured; only what a measurement
+needs is overridden: the data (synthetic rows of `<QA> q? <A> a ...` items, each longer than `max_length`, so every row
+is truncated to exactly `max_length` tokens), `max_steps`, `gradient_accumulation_steps` (1 unless
+`--gradient-accumulation-steps`: every step is then one micro-batch), logging, saving and reporting.
 
 The model is the recipe's architecture built from `--model-config` (the model's config.json) with random weights,
 already quantized as the recipe says (`benchmarks/random_4bit.py`); the tokenizer is the demo's (its ids are all below
-the real vocabulary size). The model is loaded once; the first run wraps it with the recipe's LoRA (as
-`SFTTrainer` does) and the later runs train the same PEFT model with a new trainer each.
+the real vocabulary size, and `<QA>`/`<A>` are tokens of it: unlike with Qwen's tokenizer, the trainer adds no tokens
+and trains no embedding rows, a difference of two rows). The model is loaded once; the first run wraps it with the
+recipe's LoRA (as `SFTTrainer` does) and the later runs train the same PEFT model with a new trainer each.
 
-Runs, in this order: `plain` (`lambda_set=0`: exactly `SFTTrainer`'s loss), `recipe` (the recipe's settings), then
-one per `answer_order` value `QALossConfig` accepts, if it has that field. Each run takes `--warmup` steps, then
-`--steps` measured ones. Per run: the peak of `torch.cuda.max_memory_allocated` over the whole run (weights,
-adapter, optimizer states, activations; reset before each run) and of `max_memory_reserved` (what the caching
-allocator holds), the median time between the ends of consecutive measured steps, the tokens per second over them
-(input tokens counted by the Trainer; the rows hold no padding) and the ratios of both to the `plain` run. The JSON
+Runs, in this order (or that of `--runs`): `plain` (`lambda_set=0`: exactly `SFTTrainer`'s loss), `recipe` (the recipe's
+settings), then one per other `answer_order` value `QALossConfig` accepts, if it has that field. Each run takes
+`--warmup` steps, then `--steps` measured ones. Per run: the peak of `torch.cuda.max_memory_allocated` over the whole
+run (weights, adapter, gradients, activations, optimizer states; reset before each run; bitsandbytes' paged
+optimizer states live outside torch's allocator and are not in it) and of `max_memory_reserved` (what the caching
+allocator holds), the median time between the ends of consecutive measured steps, the tokens per second over
+them (input tokens counted by the Trainer; the rows hold no padding) and the ratios of both to the `plain` run. The JSON
 is rewritten after every run, so a run killed by a time limit leaves the finished ones.
 """
 
@@ -158,6 +160,64 @@ def ratios(runs: list[dict]) -> None:
             run["memory_ratio"] = run["peak_allocated_gib"] / plain["peak_allocated_gib"]
 
 
+def load_model(args, quantization_config, device: torch.device, overrides, work: Path, load_kwargs: dict):
+    """`(model, draw_s, load_s, loaded_from)`: the random 4-bit model, loaded from memory, or from files written to
+    `--checkpoint-dir` (or to `work`, if loading from memory fails)."""
+    checkpoint_dir = args.checkpoint_dir
+    try:
+        loaded = load_random_4bit(
+            args.model_config, quantization_config, device, args.seed, overrides, checkpoint_dir, **load_kwargs
+        )
+        return *loaded, "files" if checkpoint_dir else "state dict"
+    except Exception:
+        if checkpoint_dir:
+            raise
+        # A transformers version that loads no pre-quantized state dict still loads the same tensors from files.
+        traceback.print_exc()
+        print("Loading the state dict failed; writing it as a checkpoint and loading that.", file=sys.stderr)
+        free_device_memory(device)
+        loaded = load_random_4bit(
+            args.model_config, quantization_config, device, args.seed, overrides, work / "checkpoint", **load_kwargs
+        )
+        return *loaded, "files, after the state dict failed"
+
+
+def measure_run(model, name: str, overrides: dict, run_args, train_dataset, tokenizer, peft_config, device, warmup):
+    """`(run, model)`: the figures of one run (or its error) and the model to train next: the PEFT model once
+    the first run has wrapped it."""
+    run = dict(name=name, overrides=overrides)
+    meter = StepMeter(device)
+    trainer = None
+    try:
+        trainer = QALossSFTTrainer(
+            model=model, args=run_args, train_dataset=train_dataset, processing_class=tokenizer,
+            peft_config=peft_config if not hasattr(model, "peft_config") else None, callbacks=[meter],
+        )  # fmt: skip
+        trainer.train()
+        run.update(meter.summary(warmup))
+        run["logged"] = last_logged(trainer.state.log_history, "loss", "ce_loss", "set_loss")
+    except Exception as error:  # one failed run must not lose the others' figures
+        run["error"] = f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+        print(f"run {name} failed: {run['error']}", file=sys.stderr, flush=True)
+        if device.type == "cuda" and isinstance(error, torch.OutOfMemoryError):
+            run.update(meter.summary(warmup))
+    if trainer is not None:
+        model = trainer.model  # PEFT wrapped the base model in place: later runs train this adapter
+        trainer.accelerator.free_memory()
+        del trainer
+    for param in model.parameters():
+        param.grad = None
+    free_device_memory(device)
+    return run, model
+
+
+def free_device_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 # ------------------------------------------------------------------------------------------------------ report
 
 
@@ -265,27 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
     if isinstance(load_kwargs.get("dtype"), str) and load_kwargs["dtype"] != "auto":
         load_kwargs["dtype"] = getattr(torch, load_kwargs["dtype"])
     overrides = TINY_MODEL if args.tiny else None
-    loaded_from = "files" if args.checkpoint_dir else "state dict"
-    try:
-        model, draw_s, load_s = load_random_4bit(
-            args.model_config, quantization_config, device, args.seed, overrides, args.checkpoint_dir, **load_kwargs
-        )
-    except Exception:
-        if args.checkpoint_dir:
-            raise
-        # A transformers version that loads no pre-quantized state dict still loads the same tensors from files.
-        traceback.print_exc()
-        print("Loading the state dict failed; writing it as a checkpoint and loading that.", file=sys.stderr)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        model, draw_s, load_s = load_random_4bit(
-            args.model_config, quantization_config, device, args.seed, overrides, work / "checkpoint", **load_kwargs
-        )
-        loaded_from = "files, after the state dict failed"
-    gc.collect()
-    if device.type == "cuda":  # what loading left in the allocator's cache is not the training's
-        torch.cuda.empty_cache()
+    model, draw_s, load_s, loaded_from = load_model(args, quantization_config, device, overrides, work, load_kwargs)
+    free_device_memory(device)  # what loading left in the allocator's cache is not the training's
     model_name = Path(args.model_config).stem + (" (tiny)" if args.tiny else "")
     report = dict(
         meta=dict(
@@ -312,33 +353,12 @@ def main(argv: list[str] | None = None) -> dict:
         if time.perf_counter() - started > args.time_budget:
             report["skipped_runs"] = [n for n, _ in settings[index:]]
             break
-        run = dict(name=name, overrides=overrides)
+        run_args = recipe_args(overrides)[1]
+        run_args.model_init_kwargs = None  # the model is already loaded with them
+        run, model = measure_run(
+            model, name, overrides, run_args, train_dataset, tokenizer, peft_config, device, args.warmup
+        )
         report["runs"].append(run)
-        meter = StepMeter(device)
-        try:
-            run_args = recipe_args(overrides)[1]
-            run_args.model_init_kwargs = None  # the model is already loaded with them
-            trainer = QALossSFTTrainer(
-                model=model, args=run_args, train_dataset=train_dataset, processing_class=tokenizer,
-                peft_config=peft_config if not hasattr(model, "peft_config") else None, callbacks=[meter],
-            )  # fmt: skip
-            trainer.train()
-            model = trainer.model  # the PEFT model: later runs train the same adapter
-            run.update(meter.summary(args.warmup))
-            run["logged"] = last_logged(trainer.state.log_history, "loss", "ce_loss", "set_loss")
-            trainer.accelerator.free_memory()
-            del trainer
-        except Exception as error:  # one failed run must not lose the others' figures
-            run["error"] = f"{type(error).__name__}: {error}"
-            traceback.print_exc()
-            print(f"run {name} failed: {run['error']}", file=sys.stderr, flush=True)
-            if device.type == "cuda" and isinstance(error, torch.OutOfMemoryError):
-                run.update(meter.summary(args.warmup))
-        for param in model.parameters():
-            param.grad = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         ratios(report["runs"])
         report["meta"]["elapsed_s"] = time.perf_counter() - started
         args.out.write_text(json.dumps(report, indent=1))
