@@ -72,6 +72,8 @@ fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     "$PYTHON" -c "import os, torch, transformers, trl, peft, bitsandbytes, accelerate, datasets, trl_qaloss; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__, '| bitsandbytes', bitsandbytes.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__, '| trl_qaloss from', os.path.dirname(trl_qaloss.__file__), '|', os.cpu_count(), 'CPUs')"
     free -g | head -2
+    # Triton (TRL's fused LM head, the plain SFTTrainer path) builds its launcher with the host C compiler.
+    echo "C compiler: $(command -v "${CC:-cc}" gcc clang 2>/dev/null | head -1 || true)"
 } 2>&1 | tee "$OUT_DIR/env.txt"
 
 {
