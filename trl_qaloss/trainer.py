@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -26,6 +27,7 @@ from .callbacks import QASetEvalCallback
 from .checkpoints import resolve_resume_checkpoint
 from .config import QALossConfig
 from .data_checks import check_columns, check_set_targets
+from .logprobs import CHUNK_ELEMENTS, CUDA_CHUNK_ELEMENTS
 from .loss import count_target_answer_tokens, reduce_set_loss, seq_starts_from, set_loss_terms
 from .matching import align_answers
 from .separators import QASeparators, is_single_token
@@ -123,6 +125,8 @@ class QALossSFTTrainer(SFTTrainer):
             )
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
+        # FSDP and DeepSpeed gather parameters in the wrapped model's forward: there, "aligned" scores through it.
+        self._argmax_from_hidden_states = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         self._set_tokens_in_batch = None
         if args.eval_generate_samples > 0 and self.eval_dataset is None and args.eval_strategy == "no":
             # A recipe that turns evaluation off (`--eval_strategy no`) also turns off its generation metrics.
@@ -256,8 +260,9 @@ class QALossSFTTrainer(SFTTrainer):
     def _reorder_answers(self, model, inputs: dict) -> dict:
         """`inputs` with `input_ids` and `labels` rewritten in the configured `answer_order` (see `reorder_answers`).
 
-        "preferred" and "aligned" run one forward without gradient on the batch as given, dropout off, keeping
-        only the logits they read: one position per item for "preferred", the labelled positions for "aligned".
+        "preferred" and "aligned" run one forward without gradient on the batch as given, dropout off, building
+        only the logits they read: one position per item for "preferred", the argmax of the labelled positions for
+        "aligned".
         The batch is left as it is when no item has two answers.
         """
         order = self.args.answer_order
@@ -276,39 +281,84 @@ class QALossSFTTrainer(SFTTrainer):
             logits = self._scoring_logits(model, inputs, kept)
             keys = preferred_keys(logits[rows, index, cores.first_token])
         else:
+            predictions = self._scoring_argmax(model, inputs, targets)
             valid = targets != -100
-            first = int(valid.any(0).nonzero()[0])
-            logits = self._scoring_logits(model, inputs, torch.arange(first, labels.size(1), device=labels.device))
-            predictions = torch.zeros_like(targets)
-            predictions[:, first:] = argmax_predictions(logits, targets[:, first:])
-            del logits
+            # Models often have more output rows than the tokenizer has tokens; those ids are skip tokens.
+            num_ids = max(num_ids, int(predictions.max()) + 1)
             alignment = align_answers(targets, predictions, valid, self.separators, num_ids, seq_starts)
             cores = cores_of(alignment.target_tokens, alignment.target, valid)
             keys = aligned_keys(alignment)
         input_ids, labels = apply_answer_order(inputs["input_ids"], labels, cores, new_answer_order(cores, keys))
         return {**inputs, "input_ids": input_ids, "labels": labels}
 
+    @contextlib.contextmanager
+    def _dropout_off(self, model):
+        """Dropout layers in eval mode, so that a scoring forward does not depend on a random mask. Only them: in
+        eval mode, bitsandbytes' 4-bit layers repack their weights in place on some CPUs, which breaks the next
+        training step."""
+        dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+        for m in dropouts:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m in dropouts:
+                m.train()
+
     @torch.no_grad()
     def _scoring_logits(self, model, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
         """`[B, K, V]` logits at the sorted `positions` `[K]` of a forward without gradient on `inputs`."""
         forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         forward_inputs["use_cache"] = False
-        contiguous = positions.numel() and int(positions[-1]) - int(positions[0]) + 1 == positions.numel()
         if self._accepts_logits_to_keep:
             # A tail is kept with an int (every model takes it); other positions with a 1-D index tensor.
+            contiguous = int(positions[-1]) - int(positions[0]) + 1 == positions.numel()
             ends_the_row = contiguous and int(positions[-1]) == inputs["labels"].size(1) - 1
             forward_inputs["logits_to_keep"] = positions.numel() if ends_the_row else positions
-        # Dropout off, so the order does not depend on a random mask. Only the dropout layers: in eval mode,
-        # bitsandbytes' 4-bit layers repack their weights in place on some CPUs, which breaks the next training step.
-        dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
-        for m in dropouts:
-            m.eval()
-        try:
+        with self._dropout_off(model):
             logits = model(**forward_inputs).logits
-        finally:
-            for m in dropouts:
-                m.train()
         return logits if self._accepts_logits_to_keep else logits[:, positions]
+
+    @torch.no_grad()
+    def _scoring_argmax(self, model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
+        """`[B, P]` the argmax of a forward without gradient at every labelled target position (0 elsewhere).
+
+        When the model can be split into its backbone and LM head (not under FSDP or DeepSpeed, which shard them),
+        only the backbone's hidden states are kept and the LM head runs on chunks of the labelled rows: no
+        `[B, T, V]` logits are built. Final-logit scaling and soft-capping, which some models apply after the head,
+        are monotone and leave the argmax as it is.
+        """
+        valid = targets != -100
+        first = int(valid.any(0).nonzero()[0])
+        predictions = torch.zeros_like(targets)
+        parts = self._backbone_and_head(model) if self._argmax_from_hidden_states else None
+        if parts is None:
+            tail = torch.arange(first, targets.size(1) + 1, device=targets.device)  # logits positions first..T-1
+            logits = self._scoring_logits(model, inputs, tail)
+            predictions[:, first:] = argmax_predictions(logits, targets[:, first:])
+            return predictions
+        backbone, head = parts
+        forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        with self._dropout_off(model):
+            hidden = backbone(**forward_inputs, use_cache=False).last_hidden_state  # [B, T, H]
+        rows_b, rows_p = valid.nonzero(as_tuple=True)  # logits[:, p] predicts targets[:, p]
+        step = max(1, (CHUNK_ELEMENTS if hidden.device.type == "cpu" else CUDA_CHUNK_ELEMENTS) // head.out_features)
+        for start in range(0, rows_b.numel(), step):
+            b, p = rows_b[start : start + step], rows_p[start : start + step]
+            predictions[b, p] = head(hidden[b, p].to(head.weight.device)).argmax(-1).to(predictions.device)
+        return predictions
+
+    def _backbone_and_head(self, model):
+        """`(backbone, lm_head)` of the model being trained, or None if it has no such split."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        backbone = getattr(base, "base_model", None)
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        if backbone is None or backbone is base or not isinstance(getattr(head, "weight", None), torch.Tensor):
+            return None
+        if not hasattr(head, "out_features"):
+            return None
+        return backbone, head
 
     def _log_metrics(self, mode, inputs, terms, nll_sum, targets) -> None:
         gather = self.accelerator.gather_for_metrics
