@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, one command on a CUDA machine with no network (about 6-8 minutes on one H100 80GB):
+# The GPU check, one command on a CUDA machine with no network (about 9 minutes on one H100 80GB):
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else ./gpu-check
 #
@@ -12,7 +12,7 @@
 #      the time left allows.
 # Wheels missing on the machine (trl, bitsandbytes, datasets, ...) are installed from .whl/ if that folder exists.
 # Writes OUT_DIR/{log, env.txt, qlora-7b.json, qlora-7b.md, run-gpu.md, qlora-72b.json, qlora-72b.md} and prints the
-# tables last. Environment: GPU_CHECK_BUDGET_S (default 470) bounds the whole script's wall time;
+# tables last. Environment: GPU_CHECK_BUDGET_S (default 560) bounds the whole script's wall time;
 # GPU_CHECK_TINY=1 runs every part at tiny sizes on the CPU (a smoke run of this script, about 2 minutes).
 set -o pipefail
 
@@ -20,7 +20,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT_DIR="${1:-${OUT:-$ROOT/gpu-check}}"
 mkdir -p "$OUT_DIR"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-560}"
 START_S=$SECONDS
 PYTHON="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -77,10 +77,10 @@ fi
 } 2>&1 | tee "$OUT_DIR/env.txt"
 
 {
-    part "7B QLoRA steps" 240 "$PYTHON" benchmarks/qlora_steps.py \
+    part "7B QLoRA steps" 300 "$PYTHON" benchmarks/qlora_steps.py \
         --recipe recipes/qwen2.5-7b-instruct-qlora.yaml --model-config benchmarks/configs/qwen2.5-7b.json \
-        --warmup 2 --steps 3 --time-budget 200 --out "$OUT_DIR/qlora-7b.json" "${STEPS_SIZE[@]}"
-    part "run.py --gpu" 180 "$PYTHON" benchmarks/run.py "${RUN_PY_MODE[@]}" --output "$OUT_DIR/run-gpu.md"
+        --warmup 1 --steps 3 --time-budget 270 --out "$OUT_DIR/qlora-7b.json" "${STEPS_SIZE[@]}"
+    part "run.py --gpu" 130 "$PYTHON" benchmarks/run.py "${RUN_PY_MODE[@]}" --output "$OUT_DIR/run-gpu.md"
     part "72B QLoRA steps" 200 "$PYTHON" benchmarks/qlora_steps.py \
         --recipe recipes/qwen2.5-72b-instruct-qlora.yaml --model-config benchmarks/configs/qwen2.5-72b.json \
         --runs recipe,plain --warmup 1 --steps 1 --time-budget 150 --out "$OUT_DIR/qlora-72b.json" "${STEPS_SIZE[@]}"

@@ -67,14 +67,17 @@ TINY_MAX_LENGTH = 128
 
 def run_settings(recipe_args, config_cls=QALossConfig) -> list[tuple[str, dict]]:
     """`(name, QALossConfig overrides)` of each run: plain SFT, the recipe, then each other `answer_order` value
-    `config_cls` accepts (the recipe's own value is the `recipe` run), if it has that field."""
+    `config_cls` accepts (the recipe's own value is the `recipe` run), if it has that field, first with the
+    recipe's `lambda_set`, then with `lambda_set=0` (the plain SFT loss on the reordered targets)."""
     answer_order = config_cls.__dataclass_fields__.get("answer_order")
     if answer_order is None:
         return [("plain", {"lambda_set": 0}), ("recipe", {})]
     recipe_value = getattr(recipe_args, "answer_order", None)
     runs = [("plain", {"lambda_set": 0}), (f"recipe (answer_order={recipe_value})", {})]
     choices = answer_order.metadata.get("choices", [])
-    return runs + [(f"answer_order={c}", {"answer_order": c}) for c in choices if c != recipe_value]
+    others = [c for c in choices if c != recipe_value]
+    runs += [(f"answer_order={c}", {"answer_order": c}) for c in others]
+    return runs + [(f"answer_order={c}, lambda_set=0", {"answer_order": c, "lambda_set": 0}) for c in others]
 
 
 def synthetic_rows(path: Path, num_rows: int, min_tokens: int, tokenizer, seed: int = 0) -> None:

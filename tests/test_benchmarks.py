@@ -52,6 +52,8 @@ def test_qlora_steps_runs_the_recipe_path_at_tiny_sizes_on_cpu(tmp_path):
 
 
 def test_qlora_steps_runs_one_plain_one_recipe_and_each_other_answer_order():
+    from trl import SFTConfig
+
     from benchmarks.qlora_steps import run_settings
     from trl_qaloss import QALossConfig
 
@@ -61,8 +63,16 @@ def test_qlora_steps_runs_one_plain_one_recipe_and_each_other_answer_order():
 
     recipe = SimpleNamespace(answer_order="canonical")
     names = [name for name, _ in run_settings(recipe, WithAnswerOrder)]
-    assert names == ["plain", "recipe (answer_order=canonical)", "answer_order=data", "answer_order=aligned"]
-    assert run_settings(recipe, QALossConfig) == [("plain", {"lambda_set": 0}), ("recipe", {})]
+    assert names == [
+        "plain",
+        "recipe (answer_order=canonical)",
+        "answer_order=data",
+        "answer_order=aligned",
+        "answer_order=data, lambda_set=0",
+        "answer_order=aligned, lambda_set=0",
+    ]
+    # A config without the field (an SFTConfig): plain and the recipe only.
+    assert run_settings(recipe, SFTConfig) == [("plain", {"lambda_set": 0}), ("recipe", {})]
 
 
 def layout(key, tensor):
