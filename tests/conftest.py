@@ -114,7 +114,7 @@ def config_values(tmp_path, **overrides) -> dict:
         report_to=[],
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         save_strategy="no",
         max_length=128,
         seed=0,
