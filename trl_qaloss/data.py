@@ -178,6 +178,16 @@ def check_json_file(path: str) -> None:
                          '{"context": "...", "qas": [{"question": "...?", "answers": ["..."]}]}.')  # fmt: skip
 
 
+def format_structured(dataset, *, source: str, qa_token: str = "<QA>", answer_token: str = "<A>",
+                      question_end: str = "?"):  # fmt: skip
+    """`format_qas_dataset(dataset)` if its rows are structured `{"context", "qas"}` rows, else `dataset` unchanged."""
+    columns = getattr(dataset, "column_names", None)
+    if not isinstance(columns, list) or not is_structured(columns):
+        return dataset
+    return format_qas_dataset(dataset, qa_token=qa_token, answer_token=answer_token, question_end=question_end,
+                              source=source)  # fmt: skip
+
+
 def load_qa_dataset(name_or_path: str, config: str | None = None, streaming: bool = False, **kwargs):
     """Load a dataset from the hub, a local directory, or a local `.json`/`.jsonl` file, and convert structured rows.
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import logging
 
 import torch
+from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin, TrainingArguments
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
@@ -14,7 +16,8 @@ from trl.trainer.utils import create_model_from_path
 from .callbacks import QASetEvalCallback
 from .checkpoints import resolve_resume_checkpoint
 from .config import QALossConfig
-from .data_checks import check_columns, check_set_targets
+from .data import format_structured
+from .data_checks import check_chat_template, check_columns, check_set_targets, truncation_report
 from .loss import count_target_answer_tokens, reduce_set_loss, seq_starts_from, set_loss_terms
 from .separators import QASeparators, is_single_token
 
@@ -85,6 +88,10 @@ class QALossSFTTrainer(SFTTrainer):
         tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError("`processing_class` must be a tokenizer or a processor that holds one.")
+        train_dataset, eval_dataset = self._format_structured(args, train_dataset, eval_dataset)
+        for name, dataset in self._named_datasets(train_dataset, eval_dataset).items():
+            check_chat_template(dataset, name, tokenizer, args.chat_template_path)
+        self._truncation_hints: dict[str, str] = {}
         if args.lambda_set > 0:
             self._check_supported(args, kwargs, positional)
             self._check_datasets(args, train_dataset, eval_dataset, kwargs.get("formatting_func") is not None)
@@ -94,7 +101,8 @@ class QALossSFTTrainer(SFTTrainer):
                          peft_config=peft_config, **kwargs)  # fmt: skip
         self.separators = QASeparators.from_tokenizer(tokenizer, args.qa_token, args.answer_token, args.question_end)
         if args.lambda_set > 0 and self.train_dataset is not None:
-            check_set_targets(self.train_dataset, self.separators, tokenizer, "train_dataset", args)
+            hint = self._truncation_hints.get("train")
+            check_set_targets(self.train_dataset, self.separators, tokenizer, "train_dataset", args, hint)
         if args.lambda_set > 0 and args.packing and not self.padding_free:
             logger.warning(
                 "packing_strategy=%r without padding_free packs documents into rows without sequence boundaries, so "
@@ -118,15 +126,49 @@ class QALossSFTTrainer(SFTTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     @staticmethod
-    def _check_datasets(args: QALossConfig, train_dataset, eval_dataset, has_formatting_func: bool) -> None:
+    def _named_datasets(train_dataset, eval_dataset) -> dict:
+        """`{"train_dataset": ..., "eval_dataset": ...}` (`eval_dataset['name']` for a dict), without the `None`s."""
         datasets = {"train_dataset": train_dataset}
         if isinstance(eval_dataset, dict):
             datasets.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
         else:
             datasets["eval_dataset"] = eval_dataset
-        for name, dataset in datasets.items():
-            if dataset is not None:
-                check_columns(dataset, name, args.dataset_text_field, has_formatting_func)
+        return {name: dataset for name, dataset in datasets.items() if dataset is not None}
+
+    @staticmethod
+    def _format_structured(args: QALossConfig, train_dataset, eval_dataset):
+        """The datasets with structured `{"context", "qas"}` rows converted by `format_qas_dataset`, as the CLI does."""
+        separators = {name: getattr(args, name) for name in ("qa_token", "answer_token", "question_end")}
+        train_dataset = format_structured(train_dataset, source="train_dataset", **separators)
+        if isinstance(eval_dataset, dict):
+            return train_dataset, {
+                k: format_structured(v, source=f"eval_dataset[{k!r}]", **separators) for k, v in eval_dataset.items()
+            }
+        return train_dataset, format_structured(eval_dataset, source="eval_dataset", **separators)
+
+    @staticmethod
+    def _check_datasets(args: QALossConfig, train_dataset, eval_dataset, has_formatting_func: bool) -> None:
+        for name, dataset in QALossSFTTrainer._named_datasets(train_dataset, eval_dataset).items():
+            check_columns(dataset, name, args.dataset_text_field, has_formatting_func)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """TRL's preparation; before truncating to `max_length`, counts the rows and target answers it cuts and warns
+        (the hint is repeated if no target answer survives)."""
+        if not (args.lambda_set > 0 and args.max_length is not None and not packing and isinstance(dataset, Dataset)):
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        untruncated_args = copy.copy(args)
+        untruncated_args.max_length, untruncated_args.shuffle_dataset = None, False
+        full = super()._prepare_dataset(
+            dataset, processing_class, untruncated_args, packing, formatting_func, dataset_name
+        )
+        tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+        seps = QASeparators.from_tokenizer(tokenizer, args.qa_token, args.answer_token, args.question_end)
+        report = truncation_report(full, args.max_length, args.truncation_mode == "keep_end", seps)
+        if report.cut_answers:
+            self._truncation_hints[dataset_name] = report.message(f"{dataset_name}_dataset", args.max_length)
+            logger.warning(self._truncation_hints[dataset_name])
+        # `full` is tokenized and labelled, so TRL only truncates it (and shuffles it if asked).
+        return super()._prepare_dataset(full, processing_class, args, packing, None, dataset_name)
 
     @staticmethod
     def _check_supported(args: QALossConfig, kwargs: dict, positional: tuple = ()) -> None:
