@@ -57,8 +57,10 @@ CASES = {
         r"broken\.jsonl, line 2: not valid JSON",
     ),
     "bad row": (
-        lambda d: ["--dataset_name", write(d / "row.jsonl", '{"context": "c", "qas": [{"question": "who?", '
-                                                            '"answers": "ann"}]}\n')],  # fmt: skip
+        lambda d: [
+            "--dataset_name",
+            write(d / "row.jsonl", '{"context": "c", "qas": [{"question": "who?", "answers": "ann"}]}\n'),
+        ],  # fmt: skip
         r"Row 0 of row\.jsonl \[train\]: field `qas\[0\]\.answers` must be a list of strings",
     ),
     "chat rows without a chat template": (
@@ -112,8 +114,9 @@ def test_help_lists_the_plugin_fields_first_with_config(tmp_path):
     groups = re.findall(r"^(\S[^\n]*):$", help_text, flags=re.M)
     assert groups[:2] == ["options", "trl-qaloss options (the set loss, its evaluation, and this command)"], groups
     plugin = help_text.split(groups[1])[1].split(groups[2])[0]
-    for flag in ("--config RECIPE.yaml", "--debug", "--lambda_ce", "--lambda_set", "--qa_token", "--answer_token",
-                 "--question_end", "--set_loss_reduction", "--eval_generate_samples", "--init_from_config"):  # fmt: skip
+    own = ("--config RECIPE.yaml", "--debug", "--lambda_ce", "--lambda_set", "--qa_token", "--answer_token",
+           "--question_end", "--set_loss_reduction", "--eval_generate_samples", "--init_from_config")  # fmt: skip
+    for flag in own:
         assert flag in plugin, flag
     assert help_text.index("--lambda_set") < help_text.index("--output_dir") < help_text.index("--lora_r")
     assert "the seed's" not in help_text and "LAMBDA1" not in help_text and "LAMBDA2" not in help_text
