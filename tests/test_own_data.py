@@ -61,8 +61,10 @@ def test_a_one_row_dataset_trains_without_evaluation(tmp_path, caplog):
 
 
 STRUCTURED = [
-    {"context": "context ann bob", "qas": [{"question": "who wrote it?", "answers": ["ann", "bob"]},
-                                           {"question": "where?", "answers": ["paris"]}]}  # fmt: skip
+    {
+        "context": "context ann bob",
+        "qas": [{"question": "who wrote it?", "answers": ["ann", "bob"]}, {"question": "where?", "answers": ["paris"]}],
+    }  # fmt: skip
 ] * 8
 
 
