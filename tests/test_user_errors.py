@@ -6,8 +6,10 @@ Each case runs `python -m trl_qaloss train ...` in a subprocess from a scratch d
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -75,10 +77,21 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def case_results(tmp_path_factory):
+    """Every case of `CASES` run at once (each in its own scratch directory): `{case: CompletedProcess}`."""
+
+    def run(case):
+        directory = tmp_path_factory.mktemp("case")
+        return run_cli("train", "--output_dir", "out", *SHORT_RUN, *CASES[case][0](directory), cwd=directory)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return dict(zip(CASES, pool.map(run, CASES), strict=True))
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_message_without_traceback(tmp_path, case):
-    make_args, message = CASES[case]
-    result = run_cli("train", "--output_dir", "out", *SHORT_RUN, *make_args(tmp_path), cwd=tmp_path)
+def test_bad_input_is_one_message_without_traceback(case_results, case):
+    result, message = case_results[case], CASES[case][1]
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = error_lines(result.stderr)
