@@ -4,9 +4,13 @@
     trl-qaloss train --config recipes/<name>.yaml [--any_field value ...]
     accelerate launch --config_file recipes/accelerate/<name>.yaml -m trl_qaloss train --config recipes/<name>.yaml
 
+    trl-qaloss generate --adapter DIR --prompt TEXT    # and `evaluate`: see trl_qaloss/inference.py
+
 Every field of `ScriptArguments`, `QALossConfig` (so every `SFTConfig` field), `ModelConfig` and
 `DatasetMixtureConfig` works in the YAML and as a flag; flags override the YAML. TRL's `TrlParser` reads the YAML
-with `yaml.safe_load` and rejects unknown keys. `trust_remote_code` stays off unless the recipe or a flag sets it.
+with `yaml.safe_load`; an unknown key or flag fails naming the closest field. `trust_remote_code` stays off unless
+the recipe or a flag sets it. A mistake in the input is reported as one line on stderr with exit code 1
+(`trl_qaloss/errors.py`); `--debug` shows the traceback.
 
 Paths that start with `trl_qaloss/demo/` name the demo's files inside the installed package, so the demo recipe
 runs from any directory after `pip install`.
@@ -218,7 +222,11 @@ def load_datasets(script_args: QALossScriptArguments, training_args: QALossConfi
             "set `dataset_train_split`."
         )
     train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
-    if test_split not in dataset and training_args.eval_strategy != "no":
+    if test_split in dataset or training_args.eval_strategy == "no":
+        if dataset_args.test_split_size is not None and not dataset_args.datasets:
+            why = f"the dataset has a {test_split!r} split" if test_split in dataset else "evaluation is off"
+            logger.warning("`test_split_size` is ignored: %s.", why)
+    else:
         dataset = split_off_eval(dataset, train_split, test_split, dataset_args.test_split_size, training_args)
     eval_dataset = None
     if training_args.eval_strategy != "no":

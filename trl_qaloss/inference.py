@@ -17,7 +17,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from .data import read_jsonl
-from .demo import resolve_demo_path
+from .demo import portable_demo_path, resolve_demo_path
 
 BASE_INFO_FILE = "trl_qaloss_base.json"
 SEPARATOR_FIELDS = ("qa_token", "answer_token", "question_end")
@@ -29,7 +29,7 @@ def write_base_model_info(output_dir: str, model_args, training_args) -> None:
 
     quantization = get_quantization_config(model_args)
     info = {
-        "base_model_name_or_path": model_args.model_name_or_path,
+        "base_model_name_or_path": portable_demo_path(model_args.model_name_or_path),
         "quantization_config": None if quantization is None else json.loads(quantization.to_json_string()),
         "dtype": model_args.dtype,
         **{name: getattr(training_args, name) for name in SEPARATOR_FIELDS},

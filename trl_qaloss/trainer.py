@@ -33,6 +33,10 @@ def _as_qaloss_config(args, model) -> QALossConfig:
     if isinstance(args, TrainingArguments):
         # Not `to_dict()`: it masks every field named `*_token`, which would replace `eos_token` or `pad_token`.
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+        # The old `gradient_checkpointing*` names mirror the `activation_checkpointing*` ones once set; copying them
+        # too would read as the deprecated spelling and warn again.
+        values.pop("gradient_checkpointing", None)
+        values.pop("gradient_checkpointing_kwargs", None)
         return QALossConfig(**{k: v for k, v in values.items() if k in QALossConfig.__dataclass_fields__})
     raise TypeError(f"`args` must be a QALossConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
 
