@@ -351,7 +351,7 @@ def quantized_step_benchmarks(args, device: torch.device, model_config: dict, ba
 
     values = config_values(
         "unused", per_device_train_batch_size=batch, max_length=length, bf16=True, logging_steps=1000,
-        max_steps=1, use_cpu=device.type == "cpu", gradient_checkpointing=True,
+        max_steps=1, use_cpu=device.type == "cpu", activation_checkpointing=True,
     )  # fmt: skip
     peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     name = f"Llama {model_config['hidden_size']}x{model_config['num_hidden_layers']}, 4-bit nf4 + LoRA r=16"

@@ -170,7 +170,7 @@ def run(job: Job, settings: dict) -> dict:
             eval_steps=max(job.max_steps // job.evals, 1), per_device_eval_batch_size=40,
             eval_generate_samples=len(heldout), eval_generate_batch_size=40, eval_max_new_tokens=task.max_new_tokens,
             logging_steps=max(job.max_steps // 24, 1), save_strategy="no", report_to=[], use_cpu=True, bf16=False,
-            gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True,
+            activation_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True,
         )  # fmt: skip
         trainer = QALossSFTTrainer(model=model, args=config, train_dataset=data["train"], eval_dataset=heldout,
                                    processing_class=tokenizer)  # fmt: skip

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import logging
 
 import torch
+from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin, TrainingArguments
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
@@ -26,7 +28,8 @@ from .answer_order import (
 from .callbacks import QASetEvalCallback
 from .checkpoints import resolve_resume_checkpoint
 from .config import QALossConfig
-from .data_checks import check_columns, check_set_targets
+from .data import format_structured
+from .data_checks import check_chat_template, check_columns, check_set_targets, truncation_report
 from .logprobs import CHUNK_ELEMENTS, CUDA_CHUNK_ELEMENTS
 from .loss import count_target_answer_tokens, reduce_set_loss, seq_starts_from, set_loss_terms
 from .matching import align_answers
@@ -44,8 +47,17 @@ def _as_qaloss_config(args, model) -> QALossConfig:
     if isinstance(args, TrainingArguments):
         # Not `to_dict()`: it masks every field named `*_token`, which would replace `eos_token` or `pad_token`.
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+        # The old `gradient_checkpointing*` names mirror the `activation_checkpointing*` ones once set; copying them
+        # too would read as the deprecated spelling and warn again.
+        values.pop("gradient_checkpointing", None)
+        values.pop("gradient_checkpointing_kwargs", None)
         return QALossConfig(**{k: v for k, v in values.items() if k in QALossConfig.__dataclass_fields__})
     raise TypeError(f"`args` must be a QALossConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
+
+
+def _reads_items(args: QALossConfig) -> bool:
+    """Whether training parses the items (for the set loss or the reordering); if not, this is `SFTTrainer`."""
+    return args.lambda_set > 0 or args.answer_order != "data"
 
 
 class QALossSFTTrainer(SFTTrainer):
@@ -99,8 +111,11 @@ class QALossSFTTrainer(SFTTrainer):
         tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError("`processing_class` must be a tokenizer or a processor that holds one.")
-        # Both the set loss and the reordering read items; with neither, this is `SFTTrainer` itself.
-        reads_items = args.lambda_set > 0 or args.answer_order != "data"
+        reads_items = _reads_items(args)
+        train_dataset, eval_dataset = self._format_structured(args, train_dataset, eval_dataset)
+        for name, dataset in self._named_datasets(train_dataset, eval_dataset).items():
+            check_chat_template(dataset, name, tokenizer, args.chat_template_path)
+        self._truncation_hints: dict[str, str] = {}
         if args.lambda_set > 0:
             self._check_supported(args, kwargs, positional)
         if reads_items:
@@ -115,7 +130,8 @@ class QALossSFTTrainer(SFTTrainer):
                 tokenizer, args.qa_token, args.answer_token, args.question_end
             )
         if reads_items and self.train_dataset is not None:
-            check_set_targets(self.train_dataset, self.separators, tokenizer, "train_dataset", args)
+            hint = self._truncation_hints.get("train")
+            check_set_targets(self.train_dataset, self.separators, tokenizer, "train_dataset", args, hint)
         if args.lambda_set > 0 and args.packing and not self.padding_free:
             logger.warning(
                 "packing_strategy=%r without padding_free packs documents into rows without sequence boundaries, so "
@@ -141,15 +157,49 @@ class QALossSFTTrainer(SFTTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     @staticmethod
-    def _check_datasets(args: QALossConfig, train_dataset, eval_dataset, has_formatting_func: bool) -> None:
+    def _named_datasets(train_dataset, eval_dataset) -> dict:
+        """`{"train_dataset": ..., "eval_dataset": ...}` (`eval_dataset['name']` for a dict), without the `None`s."""
         datasets = {"train_dataset": train_dataset}
         if isinstance(eval_dataset, dict):
             datasets.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
         else:
             datasets["eval_dataset"] = eval_dataset
-        for name, dataset in datasets.items():
-            if dataset is not None:
-                check_columns(dataset, name, args.dataset_text_field, has_formatting_func)
+        return {name: dataset for name, dataset in datasets.items() if dataset is not None}
+
+    @staticmethod
+    def _format_structured(args: QALossConfig, train_dataset, eval_dataset):
+        """The datasets with structured `{"context", "qas"}` rows converted by `format_qas_dataset`, as the CLI does."""
+        separators = {name: getattr(args, name) for name in ("qa_token", "answer_token", "question_end")}
+        train_dataset = format_structured(train_dataset, source="train_dataset", **separators)
+        if isinstance(eval_dataset, dict):
+            return train_dataset, {
+                k: format_structured(v, source=f"eval_dataset[{k!r}]", **separators) for k, v in eval_dataset.items()
+            }
+        return train_dataset, format_structured(eval_dataset, source="eval_dataset", **separators)
+
+    @staticmethod
+    def _check_datasets(args: QALossConfig, train_dataset, eval_dataset, has_formatting_func: bool) -> None:
+        for name, dataset in QALossSFTTrainer._named_datasets(train_dataset, eval_dataset).items():
+            check_columns(dataset, name, args.dataset_text_field, has_formatting_func)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """TRL's preparation; before truncating to `max_length`, counts the rows and target answers it cuts and warns
+        (the hint is repeated if no target answer survives)."""
+        if not (_reads_items(args) and args.max_length is not None and not packing and isinstance(dataset, Dataset)):
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        untruncated_args = copy.copy(args)
+        untruncated_args.max_length, untruncated_args.shuffle_dataset = None, False
+        full = super()._prepare_dataset(
+            dataset, processing_class, untruncated_args, packing, formatting_func, dataset_name
+        )
+        tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+        seps = QASeparators.from_tokenizer(tokenizer, args.qa_token, args.answer_token, args.question_end)
+        report = truncation_report(full, args.max_length, args.truncation_mode == "keep_end", seps)
+        if report.cut_answers:
+            self._truncation_hints[dataset_name] = report.message(f"{dataset_name}_dataset", args.max_length)
+            logger.warning(self._truncation_hints[dataset_name])
+        # `full` is tokenized and labelled, so TRL only truncates it (and shuffles it if asked).
+        return super()._prepare_dataset(full, processing_class, args, packing, None, dataset_name)
 
     @staticmethod
     def _check_supported(args: QALossConfig, kwargs: dict, positional: tuple = ()) -> None:
