@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--eval_rows", type=int, default=80, help="held-out rows measured (of 80)")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
+    parser.add_argument(
+        "--report_from", type=Path, default=None, help="write the report from a <out>.runs.jsonl of finished runs"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "set_vs_sft")
     if parser.parse_known_args(argv)[0].quick:  # its sizes are defaults: flags given with --quick still win
         parser.set_defaults(seeds=[0], max_steps=40, evals=2, eval_rows=20, out=parser.get_default("out").with_name(
@@ -345,10 +348,20 @@ def main(argv: list[str] | None = None) -> None:
     if len(args.seeds) < 3:
         print("note: fewer than 3 seeds; the spread is not meaningful")
     settings = {"batch_size": args.batch_size, "learning_rate": args.learning_rate, "eval_rows": args.eval_rows}
-    jobs = make_jobs(args, methods)
+    runs_file = args.out.with_suffix(".runs.jsonl")
     start = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-        results = pool.map(_run_in_worker, [(job, settings) for job in jobs], chunksize=1)
+    if args.report_from:  # the report of runs already done (e.g. a run cut short: its finished runs)
+        results = [json.loads(line) for line in args.report_from.read_text().splitlines() if line.strip()]
+        methods = [m for m in methods if any(r["job"]["method"] == m for r in results)]
+    else:
+        jobs = make_jobs(args, methods)
+        results = []
+        # Each finished run is saved at once, so a run cut short keeps what it finished (see --report_from).
+        with runs_file.open("w") as saved, multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            for result in pool.imap_unordered(_run_in_worker, [(job, settings) for job in jobs], chunksize=1):
+                results.append(result)
+                saved.write(json.dumps(result) + "\n")
+                saved.flush()
     wall = time.perf_counter() - start
     add_step_time_ratios(results)
     args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
