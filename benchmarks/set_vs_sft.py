@@ -1,6 +1,6 @@
 """Which training target gives the best answer sets? Plain SFT against the set loss and the answer orders, on the demo.
 
-    python benchmarks/set_vs_sft.py            # the full run: 6 methods x 2 tasks x 3 seeds x 2 budgets
+    python benchmarks/set_vs_sft.py            # the full run: 7 methods x 2 tasks x 3 seeds x 2 budgets
     python benchmarks/set_vs_sft.py --quick    # a few minutes: every method and task, 1 seed, a few steps
 
 Methods (the same model, data, seeds, optimizer, hyperparameters and steps for all):
@@ -13,6 +13,7 @@ Methods (the same model, data, seeds, optimizer, hyperparameters and steps for a
 | preferred | `preferred` | 0 |
 | aligned | `aligned` | 0 |
 | aligned + set loss | `aligned` | 1 |
+| canonical + set loss | `canonical` | 1 |
 
 (`lambda_ce=1` for all; `lambda_set=0` trains with `SFTTrainer`'s own loss, on targets reordered by `answer_order`.)
 
@@ -64,6 +65,7 @@ METHODS = {  # name: (answer_order, lambda_set)
     "preferred": ("preferred", 0.0),
     "aligned": ("aligned", 0.0),
     "aligned + set loss": ("aligned", 1.0),
+    "canonical + set loss": ("canonical", 1.0),
 }
 BASELINE = "plain SFT"
 
