@@ -66,6 +66,15 @@ def token_row(draw) -> list[int]:
     return [t for p in parts for t in p]
 
 
+def packed_position_ids(shape: torch.Size, cuts: list[list[int]]) -> torch.Tensor:
+    """`[B, T]` position ids of rows cut into sequences: they restart at 0 at each of `cuts[b]` (sorted, in 1..T-1)."""
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    for b, row_cuts in enumerate(cuts):
+        for s, e in zip([0] + row_cuts, row_cuts + [shape[1]], strict=True):
+            position_ids[b, s:e] = torch.arange(e - s)
+    return position_ids
+
+
 @st.composite
 def batches(draw):
     """`(logits [B, T, V], labels [B, T], position_ids [B, T] or None)` for adversarial rows.
@@ -105,14 +114,25 @@ def batches(draw):
     position_ids = None
     if length > 1 and draw(st.booleans()):
         # Each row cut into sequences.
-        position_ids = torch.zeros_like(labels)
-        for b in range(len(rows)):
-            cuts = sorted(set(draw(st.lists(st.integers(1, length - 1), max_size=3))))
-            for s, e in zip([0] + cuts, cuts + [length], strict=True):
-                position_ids[b, s:e] = torch.arange(e - s)
+        cuts = [sorted(set(draw(st.lists(st.integers(1, length - 1), max_size=3)))) for _ in rows]
+        position_ids = packed_position_ids(labels.shape, cuts)
         if draw(st.booleans()):  # as TRL's collator does; a caller may also leave them
             labels[position_ids == 0] = -100
     return logits, labels, position_ids
+
+
+def sum_losses_agree(logits, labels, seps, position_ids):
+    """`(out, ref, a, b)`: the vectorized and the reference "sum" losses of `a` and `b`, copies of `logits` that
+    require grad, after checking that their losses and statistics agree."""
+    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    out = set_matching_loss(a, labels, seps, reduction="sum", position_ids=position_ids)
+    ref = set_matching_loss_reference(b, labels, seps, reduction="sum", position_ids=position_ids)
+    event(f"packed: {position_ids is not None}")
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-4)
+    for key in STAT_KEYS:
+        assert out.stats[key] == pytest.approx(ref.stats[key], rel=1e-9, abs=1e-12), key
+    return out, ref, a, b
 
 
 @settings(PROFILE, max_examples=60)
@@ -120,24 +140,68 @@ def batches(draw):
 def test_adversarial_rows_match_reference(batch):
     """No exception, a finite loss, and vectorized == reference in loss, statistics and gradients."""
     logits, labels, position_ids = batch
-    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
-    out = set_matching_loss(a, labels, SEPS, reduction="sum", position_ids=position_ids)
-    ref = set_matching_loss_reference(b, labels, SEPS, reduction="sum", position_ids=position_ids)
-    event(f"packed: {position_ids is not None}")
+    out, ref, a, b = sum_losses_agree(logits, labels, SEPS, position_ids)
     event(f"target answers: {'none' if not out.stats['target_answers'] else 'some'}")
     event(f"matched pairs: {'none' if not out.stats['matched'] else 'some'}")
-    assert torch.isfinite(out.loss)
-    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-4)
-    for key in STAT_KEYS:
-        assert out.stats[key] == pytest.approx(ref.stats[key], rel=1e-9, abs=1e-12), key
     mean = set_matching_loss(logits, labels, SEPS, position_ids=position_ids).loss
     torch.testing.assert_close(mean, out.loss.detach() / max(out.stats["target_tokens"], 1), rtol=1e-5, atol=1e-6)
     out.loss.backward()
     assert torch.isfinite(a.grad).all()
-    # The reference builds a full-size gradient per pair: compared where that stays cheap.
+    # The reference builds a full-size gradient per pair: compared here where that stays cheap, and on items with
+    # hundreds of answers with a small vocabulary below.
     if ref.stats["matched"] <= 40:
         ref.loss.backward()
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+# A vocabulary of 24 ids keeps the reference's full-size gradient per pair cheap, so that the gradients of items with
+# 100+ answers are compared too.
+SMALL = QASeparators(qa_id=0, answer_id=1, question_end_ids=frozenset({2}), skip_ids=frozenset({3}), vocab_size=24)
+SMALL_WORDS = list(range(4, 24))
+
+
+@st.composite
+def hundreds_of_answers(draw):
+    """`(logits [B, T, 24], labels [B, T], position_ids or None)`: rows of one or two items with 100-160 answers each,
+    predicted as a noisy copy (flipped tokens, separators among them), sometimes packed one item per sequence."""
+    rows, item_starts = [], []
+    for _ in range(draw(st.integers(1, 2))):
+        row, starts = [], []
+        for _ in range(draw(st.integers(1, 2))):
+            starts.append(1 + len(row))  # the skip token before the item: where a packed sequence may start
+            row += [3, 0, draw(st.sampled_from(SMALL_WORDS)), 2]
+            for k in range(draw(st.integers(100, 160))):
+                row += [1] + [SMALL_WORDS[(k * 7 + j) % len(SMALL_WORDS)] for j in range(k % 3 + 1)]
+        rows.append(row)
+        item_starts.append(starts)
+    length = max(map(len, rows)) + 1
+    labels = torch.full((len(rows), length), -100)
+    predicted = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, row in enumerate(rows):
+        labels[b, 1 : 1 + len(row)] = torch.tensor(row)
+        noisy = list(row)
+        for pos, tok in draw(st.lists(st.tuples(st.integers(0, len(row) - 1), st.integers(1, 23)), max_size=60)):
+            noisy[pos] = tok
+        predicted[b, 1 : 1 + len(row)] = torch.tensor(noisy)
+    seed = draw(st.integers(0, 2**16))
+    logits = torch.randn(len(rows), length, SMALL.vocab_size, generator=torch.Generator().manual_seed(seed))
+    logits[:, :-1].scatter_(2, predicted[:, 1:, None], 6.0)
+    position_ids = None
+    if draw(st.booleans()):  # each item in a sequence of its own
+        position_ids = packed_position_ids(labels.shape, [[c for c in starts if c > 1] for starts in item_starts])
+        labels[position_ids == 0] = -100
+    return logits, labels, position_ids
+
+
+@settings(PROFILE, max_examples=6)
+@given(batch=hundreds_of_answers())
+def test_gradients_of_items_with_hundreds_of_answers_match_reference(batch):
+    logits, labels, position_ids = batch
+    out, ref, a, b = sum_losses_agree(logits, labels, SMALL, position_ids)
+    assert out.stats["matched"] >= 100
+    out.loss.backward()
+    ref.loss.backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
 
 
 @st.composite

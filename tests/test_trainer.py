@@ -22,24 +22,45 @@ def first_batch(trainer):
     return {k: v.to(trainer.args.device) for k, v in batch.items()}
 
 
-def sft_loss(model, tokenizer, tmp_path, batch):
-    args = SFTConfig(**config_values(tmp_path))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=qa_dataset(), processing_class=tokenizer)
+def sft_loss(model, tokenizer, tmp_path, batch, **overrides):
+    args = SFTConfig(**config_values(tmp_path, **overrides.pop("args", {})))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=qa_dataset(), processing_class=tokenizer, **overrides)
     trainer.model.train()
     with torch.no_grad():
         return trainer.compute_loss(trainer.model, dict(batch))
 
 
-def test_lambda_set_zero_is_sft(model, tokenizer, tmp_path):
+def mean_squared_logit(outputs, labels, num_items_in_batch=None):
+    """A `compute_loss_func` unlike any built-in loss."""
+    return outputs.logits.float().pow(2).mean()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"args": {"loss_type": "dft"}},
+        {"args": {"label_smoothing_factor": 0.1}},
+        {"compute_loss_func": mean_squared_logit},
+    ],
+    ids=["nll", "dft", "label_smoothing", "compute_loss_func"],
+)
+def test_lambda_set_zero_is_sft(model, tokenizer, tmp_path, overrides):
+    """With `lambda_set=0` (and the data order) the loss is `SFTTrainer`'s, whatever loss options it is given."""
+    args = qa_config(tmp_path, lambda_set=0.0, **overrides.get("args", {}))
+    extra = {k: v for k, v in overrides.items() if k != "args"}
     trainer = QALossSFTTrainer(
-        model=copy.deepcopy(model), args=qa_config(tmp_path, lambda_set=0.0), train_dataset=qa_dataset(),
-        processing_class=tokenizer,
-    )  # fmt: skip
+        model=copy.deepcopy(model), args=args, train_dataset=qa_dataset(), processing_class=tokenizer, **extra
+    )
     batch = first_batch(trainer)
     trainer.model.train()
     with torch.no_grad():
         ours = trainer.compute_loss(trainer.model, dict(batch))
-    torch.testing.assert_close(ours, sft_loss(copy.deepcopy(model), tokenizer, tmp_path, batch), rtol=1e-4, atol=0)
+    expected = sft_loss(copy.deepcopy(model), tokenizer, tmp_path, batch, **copy.copy(overrides))
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=0)
+    if overrides:  # the option changes the loss: the test would see a QALossSFTTrainer that ignored it
+        plain = sft_loss(copy.deepcopy(model), tokenizer, tmp_path, batch)
+        assert not torch.allclose(expected, plain, rtol=1e-4, atol=0)
 
 
 def test_ce_term_matches_sft_normalization(model, tokenizer, tmp_path):
@@ -143,6 +164,28 @@ def test_separators_are_added_when_missing(tmp_path):
     assert sorted(peft_config.trainable_token_indices) == sorted(tokenizer.convert_tokens_to_ids(["<Q>", "<ANS>"]))
     assert any("trainable_tokens" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
     trainer.train()
+
+
+def test_added_separator_rows_follow_the_seed(tmp_path):
+    """The embedding rows of added separators are sampled; two runs with the same `seed` get the same rows, whatever
+    the random state before, and another `seed` gets others."""
+
+    def new_rows(seed: int, state: int) -> torch.Tensor:
+        tokenizer = build_tokenizer()
+        args = qa_config(tmp_path, qa_token="<Q>", answer_token="<ANS>", seed=seed)
+        dataset = qa_dataset(8).map(
+            lambda r: {"completion": r["completion"].replace("<QA>", "<Q>").replace("<A>", "<ANS>")}
+        )
+        model = tiny_llama(len(tokenizer))
+        torch.manual_seed(state)
+        trainer = QALossSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        ids = tokenizer.convert_tokens_to_ids(["<Q>", "<ANS>"])
+        model = trainer.model
+        return torch.cat([model.get_input_embeddings().weight[ids], model.get_output_embeddings().weight[ids]])
+
+    first = new_rows(seed=3, state=1)
+    torch.testing.assert_close(new_rows(seed=3, state=2), first, rtol=0, atol=0)
+    assert not torch.equal(new_rows(seed=4, state=1), first)
 
 
 def test_conversational_dataset(model, tokenizer, tmp_path):

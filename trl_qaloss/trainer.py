@@ -7,7 +7,8 @@ import inspect
 import logging
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin, TrainingArguments
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin, TrainingArguments, set_seed
+from transformers.trainer_utils import enable_full_determinism
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
@@ -26,8 +27,9 @@ from .callbacks import QASetEvalCallback
 from .checkpoints import resolve_resume_checkpoint
 from .config import QALossConfig
 from .data_checks import check_columns, check_set_targets
-from .loss import count_target_answer_tokens, reduce_set_loss, seq_starts_from, set_loss_terms
+from .loss import seq_starts_from, set_loss_terms, target_counts
 from .matching import align_answers
+from .reduction import reduce_set_loss, reduction_count
 from .separators import QASeparators, is_single_token
 
 logger = logging.getLogger(__name__)
@@ -123,7 +125,7 @@ class QALossSFTTrainer(SFTTrainer):
             )
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
-        self._set_tokens_in_batch = None
+        self._set_count_in_batch = None
         if args.eval_generate_samples > 0 and self.eval_dataset is None and args.eval_strategy == "no":
             # A recipe that turns evaluation off (`--eval_strategy no`) also turns off its generation metrics.
             logger.warning("`eval_generate_samples` is set, but there is no eval dataset and `eval_strategy` is 'no': "
@@ -170,6 +172,11 @@ class QALossSFTTrainer(SFTTrainer):
             )
         tokenizer.add_tokens(missing, special_tokens=True)
         new_ids = tokenizer.convert_tokens_to_ids(missing)
+        # The new rows are sampled (mean resizing): seeded here, as `Trainer` would seed, so that they follow `seed`.
+        if args.full_determinism:
+            enable_full_determinism(args.seed)
+        else:
+            set_seed(args.seed)
         model.resize_token_embeddings(len(tokenizer))
         logger.warning("Added %s to the tokenizer as special tokens %s and resized the embeddings.", missing, new_ids)
         if peft_config is not None:
@@ -190,13 +197,14 @@ class QALossSFTTrainer(SFTTrainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        # The set term is normalized like the CE term: by its items (target answer tokens) over the whole
-        # accumulation window and, with `average_tokens_across_devices`, over all processes.
-        self._set_tokens_in_batch = None
+        # The set term is normalized like the CE term: by the `reduction_count` (target answer tokens for "mean") of
+        # the whole accumulation window and, with `average_tokens_across_devices`, of all processes.
+        self._set_count_in_batch = None
         if self.args.lambda_set > 0 and num_items_in_batch is not None:
             count = sum(
-                count_target_answer_tokens(
-                    batch["labels"][:, 1:], self.separators, seq_starts_from(batch.get("position_ids"))
+                reduction_count(
+                    self.args.set_loss_reduction,
+                    target_counts(batch["labels"][:, 1:], self.separators, seq_starts_from(batch.get("position_ids"))),
                 )
                 for batch in batch_samples
                 if "labels" in batch
@@ -204,7 +212,7 @@ class QALossSFTTrainer(SFTTrainer):
             count = torch.tensor(count, device=device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 count = self.accelerator.gather(count).sum()
-            self._set_tokens_in_batch = count
+            self._set_count_in_batch = count
         return batch_samples, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -238,10 +246,11 @@ class QALossSFTTrainer(SFTTrainer):
         ce_loss = nll_sum / torch.as_tensor(num_tokens if num_items_in_batch is None else num_items_in_batch).clamp(
             min=1
         )
-        set_tokens = terms.stats["target_tokens"]
-        if num_items_in_batch is not None and self.model.training and self._set_tokens_in_batch is not None:
-            set_tokens = self._set_tokens_in_batch
-        set_loss = reduce_set_loss(terms.set_sum, set_tokens, self.args.set_loss_reduction)
+        reduction = self.args.set_loss_reduction
+        set_count = reduction_count(reduction, terms.stats)
+        if num_items_in_batch is not None and self.model.training and self._set_count_in_batch is not None:
+            set_count = self._set_count_in_batch
+        set_loss = reduce_set_loss(terms.set_sum, set_count, reduction)
         loss = self.args.lambda_ce * ce_loss + self.args.lambda_set * set_loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
@@ -283,7 +292,7 @@ class QALossSFTTrainer(SFTTrainer):
             predictions[:, first:] = argmax_predictions(logits, targets[:, first:])
             del logits
             alignment = align_answers(targets, predictions, valid, self.separators, num_ids, seq_starts)
-            cores = cores_of(alignment.target_tokens, alignment.target, valid)
+            cores = cores_of(alignment.target_tokens, alignment.target_answers, valid)
             keys = aligned_keys(alignment)
         input_ids, labels = apply_answer_order(inputs["input_ids"], labels, cores, new_answer_order(cores, keys))
         return {**inputs, "input_ids": input_ids, "labels": labels}
@@ -318,19 +327,19 @@ class QALossSFTTrainer(SFTTrainer):
         correct = (terms.argmax == targets[terms.rows_b, terms.rows_p]).sum().float()
         per_token = torch.stack([nll_sum.float(), terms.entropy.sum(), correct])
         nll, entropy, correct = gather(per_token[None]).sum(0) / num_valid.clamp(min=1)
+        reduction = self.args.set_loss_reduction
         set_values = torch.tensor(
-            [terms.set_sum.item(), stats["target_tokens"], stats["matched"], stats["missing"], stats["extra"],
-             stats["target_answers"], stats["mean_iou"] * stats["matched"]], device=device
+            [terms.set_sum.item(), reduction_count(reduction, stats), stats["matched"], stats["missing"],
+             stats["extra"], stats["target_answers"], stats["mean_iou"] * stats["matched"]], device=device
         )  # fmt: skip
-        set_sum, set_tokens, matched, missing, extra, target_answers, iou_sum = gather(set_values[None]).sum(0)
+        set_sum, set_count, matched, missing, extra, target_answers, iou_sum = gather(set_values[None]).sum(0)
         metrics = self._metrics[mode]
         metrics["entropy"].append(entropy.item())
         metrics["mean_token_accuracy"].append(correct.item())
         metrics["ce_loss"].append(nll.item())
-        if self.args.set_loss_reduction == "mean":
-            metrics["set_loss"].append((set_sum / set_tokens.clamp(min=1)).item())
-        else:
-            metrics["set_loss"].append((set_sum / self.accelerator.num_processes).item())
+        # This micro-batch's set loss over all processes: "sum" gives the mean of the processes' sums.
+        set_loss = reduce_set_loss(set_sum, set_count, reduction, num_batches=self.accelerator.num_processes)
+        metrics["set_loss"].append(set_loss.item())
         metrics["set/mean_iou"].append((iou_sum / matched.clamp(min=1)).item())
         for name, value in (("matched", matched), ("missing", missing), ("extra", extra),
                             ("target_answers", target_answers)):  # fmt: skip
