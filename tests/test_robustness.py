@@ -163,17 +163,23 @@ SMALL_WORDS = list(range(4, 24))
 @st.composite
 def hundreds_of_answers(draw):
     """`(logits [B, T, 24], labels [B, T], position_ids or None)`: rows of one or two items with 100-160 answers each,
-    predicted as a noisy copy (flipped tokens, separators among them), sometimes packed one item per sequence."""
-    rows, item_starts = [], []
+    predicted as a noisy copy (flipped tokens, separators among them), sometimes packed one item per sequence.
+
+    Some 4-token answers are predicted split in two by an answer separator on their second token: the pairs of the
+    two halves then read overlapping positions, in no position order."""
+    rows, item_starts, long_answers = [], [], []
     for _ in range(draw(st.integers(1, 2))):
-        row, starts = [], []
+        row, starts, long_starts = [], [], []
         for _ in range(draw(st.integers(1, 2))):
             starts.append(1 + len(row))  # the skip token before the item: where a packed sequence may start
             row += [3, 0, draw(st.sampled_from(SMALL_WORDS)), 2]
             for k in range(draw(st.integers(100, 160))):
-                row += [1] + [SMALL_WORDS[(k * 7 + j) % len(SMALL_WORDS)] for j in range(k % 3 + 1)]
+                if k % 4 == 3:
+                    long_starts.append(len(row))
+                row += [1] + [SMALL_WORDS[(k * 7 + j) % len(SMALL_WORDS)] for j in range(k % 4 + 1)]
         rows.append(row)
         item_starts.append(starts)
+        long_answers.append(long_starts)
     length = max(map(len, rows)) + 1
     labels = torch.full((len(rows), length), -100)
     predicted = torch.zeros(len(rows), length, dtype=torch.long)
@@ -182,6 +188,8 @@ def hundreds_of_answers(draw):
         noisy = list(row)
         for pos, tok in draw(st.lists(st.tuples(st.integers(0, len(row) - 1), st.integers(1, 23)), max_size=60)):
             noisy[pos] = tok
+        for k in draw(st.lists(st.integers(0, len(long_answers[b]) - 1), max_size=30)):
+            noisy[long_answers[b][k] + 2] = 1
         predicted[b, 1 : 1 + len(row)] = torch.tensor(noisy)
     seed = draw(st.integers(0, 2**16))
     logits = torch.randn(len(rows), length, SMALL.vocab_size, generator=torch.Generator().manual_seed(seed))
