@@ -332,37 +332,30 @@ def cpu_step_benchmarks(args) -> list[dict]:
 def quantized_step_benchmarks(args, device: torch.device, model_config: dict, batch: int, length: int) -> list[dict]:
     """The step of a model built from `model_config` with random weights, loaded in 4-bit nf4, trained with LoRA."""
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+    from transformers import BitsAndBytesConfig, LlamaConfig
+
+    from benchmarks.random_4bit import load_random_4bit
 
     tokenizer = build_tokenizer()
     compute_dtype = torch.bfloat16
     config = LlamaConfig(**model_config, pad_token_id=1, eos_token_id=2, bos_token_id=None)
-    with tempfile.TemporaryDirectory() as weights:
-        with torch.device(device):  # random init on the device: much faster than on the host for 8B parameters
-            model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-        model.save_pretrained(weights)
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )  # fmt: skip
-        device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
+    config.architectures = ["LlamaForCausalLM"]
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )  # fmt: skip
 
-        def load():
-            return AutoModelForCausalLM.from_pretrained(
-                weights, quantization_config=quantization, device_map=device_map, dtype=compute_dtype
-            )
+    def load():
+        # Random weights drawn and quantized one at a time on the device: no 16 GB bf16 checkpoint is written.
+        return load_random_4bit(config, quantization, device, dtype=compute_dtype)[0]
 
-        values = config_values(
-            "unused", per_device_train_batch_size=batch, max_length=length, bf16=True, logging_steps=1000,
-            max_steps=1, use_cpu=device.type == "cpu", gradient_checkpointing=True,
-        )  # fmt: skip
-        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
-        name = f"Llama {model_config['hidden_size']}x{model_config['num_hidden_layers']}, 4-bit nf4 + LoRA r=16"
-        return bench_step(name, load, tokenizer, values, peft_config, device, args.step_repeats)
+    values = config_values(
+        "unused", per_device_train_batch_size=batch, max_length=length, bf16=True, logging_steps=1000,
+        max_steps=1, use_cpu=device.type == "cpu", activation_checkpointing=True,
+    )  # fmt: skip
+    peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    name = f"Llama {model_config['hidden_size']}x{model_config['num_hidden_layers']}, 4-bit nf4 + LoRA r=16"
+    return bench_step(name, load, tokenizer, values, peft_config, device, args.step_repeats)
 
 
 # -------------------------------------------------------------------------------------------------- report
@@ -494,7 +487,10 @@ def main() -> None:
         "--threads", type=int, default=1,
         help="torch CPU threads (default 1: on a shared machine, multi-threaded small ops mostly wait on each other)",
     )  # fmt: skip
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument(
+        "--output", type=Path,
+        help="where the tables go (default: benchmarks/RESULTS.md; with --check-gpu-path, nowhere unless given)",
+    )  # fmt: skip
     parser.add_argument("--append", action="store_true", help="append the tables to --output instead of replacing it")
     args = parser.parse_args()
 
@@ -552,8 +548,9 @@ def main() -> None:
     lines += ["## Targets", ""] + targets(loss_rows, step_rows, fixed) + [""]
     text = "\n".join(lines)
     print(text)
-    if args.check_gpu_path:
+    if args.output is None and args.check_gpu_path:
         return
+    args.output = args.output or ROOT / "benchmarks" / "RESULTS.md"
     if args.append and args.output.exists():
         text = args.output.read_text() + "\n---\n\n" + text
     args.output.write_text(text)

@@ -82,7 +82,7 @@ def run(method: str, seed: int, args: argparse.Namespace, out_dir: str) -> dict:
         eval_strategy="steps", eval_steps=args.max_steps // args.evals, per_device_eval_batch_size=40,
         eval_generate_samples=80, eval_generate_batch_size=40, eval_max_new_tokens=80,
         logging_steps=max(args.max_steps // 24, 1), save_strategy="no", report_to=[], use_cpu=True, bf16=False,
-        gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True,
+        activation_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True,
     )  # fmt: skip
     trainer = QALossSFTTrainer(
         model=model, args=config, train_dataset=demo["train"], eval_dataset=demo["test"],

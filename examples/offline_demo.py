@@ -56,7 +56,7 @@ def main() -> None:
     args = QALossConfig(
         output_dir=tempfile.mkdtemp(prefix="qaloss-demo-"), lambda_ce=1.0, lambda_set=1.0, max_steps=120,
         per_device_train_batch_size=8, learning_rate=5e-3, logging_steps=20, use_cpu=True, bf16=False,
-        gradient_checkpointing=False, report_to=[], save_strategy="no",
+        activation_checkpointing=False, report_to=[], save_strategy="no",
     )  # fmt: skip
     trainer = QALossSFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer

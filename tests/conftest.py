@@ -114,7 +114,7 @@ def config_values(tmp_path, **overrides) -> dict:
         report_to=[],
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         save_strategy="no",
         max_length=128,
         seed=0,
@@ -129,3 +129,28 @@ def qa_config(tmp_path, **overrides):
     from trl_qaloss import QALossConfig
 
     return QALossConfig(**config_values(tmp_path, **overrides))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_RECIPE = os.path.join(ROOT, "recipes", "demo-cpu.yaml")
+# What the end-to-end command runs add to the demo recipe: 2 steps, logged each, short rows, no progress bars.
+SHORT_RUN = ["--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true", "--max_length", "96"]
+
+
+def run_cli(*args: str, cwd, env: dict | None = None, timeout: int = 300):
+    """`python -m trl_qaloss <args>` in a subprocess, as a user runs it, on this checkout's code.
+
+    Returns the `subprocess.CompletedProcess` (text stdout and stderr).
+    """
+    import subprocess
+    import sys
+
+    full_env = {k: v for k, v in os.environ.items() if k != "TRL_QALOSS_DEBUG"}
+    full_env.update({"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run([sys.executable, "-m", "trl_qaloss", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The lines of `stderr` that report an error to the user."""
+    return [line for line in stderr.splitlines() if line.startswith("trl-qaloss: error:")]

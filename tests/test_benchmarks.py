@@ -1,11 +1,15 @@
-"""The benchmark script stays runnable: its `--gpu` code path at tiny sizes on the CPU (no timing is checked)."""
+"""The benchmark scripts stay runnable: their GPU code paths at tiny sizes on the CPU (no timing is checked)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,3 +25,99 @@ def test_benchmark_gpu_path_runs_at_tiny_sizes_on_cpu(tmp_path):
     assert "## Targets" in result.stdout and "2, 128, 1000" in result.stdout
     assert "naive" in result.stdout and "cross_entropy" in result.stdout
     assert results.read_text() == before
+
+
+def test_qlora_steps_runs_the_recipe_path_at_tiny_sizes_on_cpu(tmp_path):
+    """The real-size GPU check's code path: the 7B recipe read by the CLI's parser, a random 4-bit model of the
+    Qwen2.5-7B architecture, one run with the recipe's loss and one plain (no timing is checked)."""
+    from benchmarks.qlora_steps import main
+
+    out = tmp_path / "qlora.json"
+    argv = ["--recipe", str(ROOT / "recipes" / "qwen2.5-7b-instruct-qlora.yaml"), "--model-config",
+            str(ROOT / "benchmarks" / "configs" / "qwen2.5-7b.json"), "--tiny", "--device", "cpu",
+            "--warmup", "1", "--steps", "1", "--runs", "recipe,plain", "--out", str(out)]  # fmt: skip
+    report = main(argv)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert out.with_suffix(".md").read_text().count("\n| ") == 1 + len(report["runs"])  # the header and a row per run
+    recipe, plain = report["runs"]  # in the order asked; ratios are to the plain run wherever it comes
+    assert plain["name"] == "plain" and recipe["name"].startswith("recipe")
+    for run in (plain, recipe):
+        assert "error" not in run and run["steps"] == 2 and run["measured_steps"] == 1
+        # Every row is truncated to max_length: a step reads the recipe's batch of full rows.
+        assert run["tokens_per_step"] == report["meta"]["per_device_train_batch_size"] * report["meta"]["max_length"]
+        assert math.isfinite(run["logged"]["loss"]) and run["time_ratio"] > 0
+    assert plain["logged"]["set_loss"] is None and recipe["logged"]["set_loss"] > 0
+    assert plain["time_ratio"] == 1.0
+
+
+def test_qlora_steps_runs_one_plain_one_recipe_and_each_other_answer_order():
+    from trl import SFTConfig
+
+    from benchmarks.qlora_steps import run_settings
+    from trl_qaloss import QALossConfig
+
+    @dataclasses.dataclass
+    class WithAnswerOrder(QALossConfig):
+        answer_order: str = dataclasses.field(default="data", metadata={"choices": ["data", "canonical", "aligned"]})
+
+    recipe = SimpleNamespace(answer_order="canonical")
+    names = [name for name, _ in run_settings(recipe, WithAnswerOrder)]
+    assert names == [
+        "plain",
+        "recipe (answer_order=canonical)",
+        "answer_order=data",
+        "answer_order=aligned",
+        "answer_order=data, lambda_set=0",
+        "answer_order=aligned, lambda_set=0",
+    ]
+    # A config without the field (an SFTConfig): plain and the recipe only.
+    assert run_settings(recipe, SFTConfig) == [("plain", {"lambda_set": 0}), ("recipe", {})]
+
+
+def layout(key, tensor):
+    """Shape and dtype of a checkpoint tensor; for bitsandbytes' packed quantization settings (a JSON blob), the
+    settings, less the offset of the double-quantized scales, which depends on the weights."""
+    if ".quant_state.bitsandbytes__" in key:
+        settings = json.loads(bytes(tensor.tolist()).decode())
+        settings.pop("nested_offset", None)
+        return settings
+    return tensor.shape, tensor.dtype
+
+
+def test_random_4bit_checkpoint_has_the_layout_transformers_writes_for_a_quantized_model(tmp_path):
+    """The pre-quantized random state dict holds the keys, shapes and dtypes of a model that transformers quantized
+    on loading and saved, and loads into bitsandbytes `Linear4bit` layers whose weights are those drawn."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from benchmarks.qlora_steps import TINY_MODEL
+    from benchmarks.random_4bit import load_random_4bit, random_quantized_state_dict, with_overrides
+
+    config = with_overrides(str(ROOT / "benchmarks" / "configs" / "qwen2.5-7b.json"), TINY_MODEL)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    quantized_on_load = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "bf16", quantization_config=quantization, dtype=torch.bfloat16, device_map={"": "cpu"}
+    )
+    state = random_quantized_state_dict(config, quantization, torch.device("cpu"))
+    assert {k: layout(k, v) for k, v in state.items()} == {
+        k: layout(k, v) for k, v in quantized_on_load.state_dict().items()
+    }
+
+    # From the state dict, and from a checkpoint written to disk (a downloaded pre-quantized model's path).
+    for checkpoint_dir in (None, tmp_path / "4bit"):
+        model, _, _ = load_random_4bit(
+            config, quantization, torch.device("cpu"), checkpoint_dir=checkpoint_dir, dtype=torch.bfloat16
+        )
+        assert model.is_loaded_in_4bit and not isinstance(model.lm_head, bnb.nn.Linear4bit)
+        q_proj = model.model.layers[0].self_attn.q_proj
+        assert isinstance(q_proj, bnb.nn.Linear4bit) and torch.equal(
+            q_proj.weight.data, state["model.layers.0.self_attn.q_proj.weight"]
+        )
+        weight = bnb.functional.dequantize_4bit(q_proj.weight.data, q_proj.weight.quant_state)
+        assert weight.shape == (config.hidden_size, config.hidden_size)
+        assert abs(weight.float().std().item() - config.initializer_range) < 0.005

@@ -75,6 +75,29 @@ def test_lambda_set_zero_is_sft_on_the_reordered_batch(tokenizer, tmp_path, orde
     assert not torch.isclose(ours, on_data_order, rtol=1e-6)
 
 
+@pytest.mark.parametrize("from_hidden_states", [True, False])
+def test_aligned_argmax_from_hidden_states_or_logits(tokenizer, tmp_path, from_hidden_states):
+    """ "aligned" reads the argmax from the backbone's hidden states and chunks of the LM head, or (under FSDP and
+    DeepSpeed) from the model's logits: the same reordering as `reorder_answers` on the full logits, LoRA included."""
+    from peft import LoraConfig
+
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    args = qa_config(tmp_path, lambda_set=0.0, answer_order="aligned")
+    trainer = QALossSFTTrainer(
+        model=swapping_llama(tokenizer),
+        args=args,
+        train_dataset=qa_dataset(),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    trainer._argmax_from_hidden_states = from_hidden_states
+    batch = first_batch(trainer)
+    expected = reordered(trainer.model, batch, trainer.separators, "aligned")
+    ours = trainer._reorder_answers(trainer.model, dict(batch))
+    assert not torch.equal(expected["input_ids"], batch["input_ids"])
+    assert torch.equal(ours["input_ids"], expected["input_ids"]) and torch.equal(ours["labels"], expected["labels"])
+
+
 @pytest.mark.parametrize("order", MODES)
 def test_both_terms_read_the_reordered_batch(tokenizer, tmp_path, order):
     model = swapping_llama(tokenizer)
@@ -181,6 +204,20 @@ def test_gradient_accumulation_matches_one_big_batch(tokenizer, tmp_path, order,
     assert loss_acc == pytest.approx(loss_big, rel=1e-4)
     for big, acc in zip(params_big, params_acc, strict=True):
         torch.testing.assert_close(acc, big, rtol=1e-4, atol=1e-5)
+
+
+def test_model_vocabulary_larger_than_the_tokenizer(tokenizer, tmp_path):
+    """Padded embeddings: the model predicts ids the tokenizer does not have (they parse as skip tokens)."""
+    model = tiny_llama(len(tokenizer) + 300, seed=1)
+    trainer = QALossSFTTrainer(
+        model=model,
+        args=qa_config(tmp_path, answer_order="aligned", lambda_set=0.0),
+        train_dataset=qa_dataset(),
+        processing_class=tokenizer,
+    )
+    batch = first_batch(trainer)
+    assert int(trainer._scoring_argmax(trainer.model, batch, batch["labels"][:, 1:]).max()) >= len(tokenizer)
+    trainer.train()
 
 
 def test_config_rejects_an_unknown_order(tmp_path):

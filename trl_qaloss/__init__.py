@@ -1,5 +1,6 @@
 """trl-qaloss: an order-invariant answer-set loss for TRL's SFTTrainer."""
 
+from . import _log_filters  # noqa: F401  (before the imports that load bitsandbytes)
 from .answer_order import ANSWER_ORDERS, reorder_answers
 from .callbacks import QASetEvalCallback
 from .config import QALossConfig

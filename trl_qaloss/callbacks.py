@@ -30,6 +30,43 @@ def split_prompt_and_reference(input_ids: list[int], labels: list[int], row: int
     return list(input_ids[:first]), list(input_ids[first:end])
 
 
+def hidden_token_ids(tokenizer, separators: tuple[str, str]) -> set[int]:
+    """The special tokens' ids, except the separators': what completions are decoded without."""
+    visible = {tokenizer.convert_tokens_to_ids(t) for t in separators}
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    return special - visible
+
+
+def greedy_completions(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+                       progress: bool = False) -> list[list[int]]:  # fmt: skip
+    """Greedy completions of tokenized prompts, in batches of `batch_size` with left padding.
+
+    Returns the generated ids of each prompt, cut before the first EOS (the tokenizer's or the model's generation
+    config's). Call it in eval mode under `torch.no_grad()`; `progress` shows a progress bar over the batches.
+    """
+    from tqdm.auto import tqdm
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = model.generation_config.eos_token_id
+    eos_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
+    eos_ids.discard(None)
+    config = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+        eos_token_id=sorted(eos_ids), use_cache=True,
+    )  # fmt: skip
+    completions = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="Generating", unit="batch", disable=not progress):
+        chunk = [torch.tensor(p) for p in prompts[start : start + batch_size]]
+        input_ids = pad(chunk, padding_value=pad_id, padding_side="left").to(model.device)
+        attention_mask = pad([torch.ones_like(p) for p in chunk], padding_side="left").to(model.device)
+        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        for ids in generated[:, input_ids.size(1) :].tolist():
+            completions.append(ids[: next((i for i, token in enumerate(ids) if token in eos_ids), len(ids))])
+    return completions
+
+
 class QASetEvalCallback(TrainerCallback):
     """At each evaluation, complete eval prompts greedily and log the answer-set metrics of `answer_set_scores`.
 
@@ -79,10 +116,7 @@ class QASetEvalCallback(TrainerCallback):
             )
         tokenizer = trainer.processing_class
         self.tokenizer = tokenizer.tokenizer if isinstance(tokenizer, ProcessorMixin) else tokenizer
-        visible = {self.tokenizer.convert_tokens_to_ids(t) for t in self.separators[:2]}
-        special = set(self.tokenizer.all_special_ids)
-        special |= {i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if t.special}
-        self._hidden_ids = special - visible
+        self._hidden_ids = hidden_token_ids(self.tokenizer, self.separators[:2])
         datasets = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}
         for dataset in datasets.values():  # fail at start-up, not at the first evaluation
             self._samples(dataset)
@@ -106,30 +140,13 @@ class QASetEvalCallback(TrainerCallback):
         return self.tokenizer.decode([i for i in ids if i not in self._hidden_ids], skip_special_tokens=False)
 
     def _generate(self, prompts: list[list[int]]) -> list[str]:
-        trainer, tokenizer = self.trainer, self.tokenizer
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        completions = []
+        trainer = self.trainer
         with unwrap_model_for_generation(
             trainer.model_wrapped, trainer.accelerator,
             gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
         ) as model:  # fmt: skip
-            eos = model.generation_config.eos_token_id
-            eos_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
-            eos_ids.discard(None)
-            config = GenerationConfig(
-                do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens, pad_token_id=pad_id,
-                eos_token_id=sorted(eos_ids), use_cache=True,
-            )  # fmt: skip
-            for start in range(0, len(prompts), self.batch_size):
-                chunk = [torch.tensor(p) for p in prompts[start : start + self.batch_size]]
-                input_ids = pad(chunk, padding_value=pad_id, padding_side="left").to(model.device)
-                attention_mask = pad([torch.ones_like(p) for p in chunk], padding_side="left").to(model.device)
-                generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-                generated = generated[:, input_ids.size(1) :]
-                for ids in generated.tolist():
-                    cut = next((i for i, token in enumerate(ids) if token in eos_ids), len(ids))
-                    completions.append(self._text(ids[:cut]))
-        return completions
+            completions = greedy_completions(model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size)
+        return [self._text(ids) for ids in completions]
 
     def on_evaluate(self, args, state, control, metrics=None, eval_dataloader=None, **kwargs):
         trainer = self.trainer

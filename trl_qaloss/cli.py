@@ -4,9 +4,13 @@
     trl-qaloss train --config recipes/<name>.yaml [--any_field value ...]
     accelerate launch --config_file recipes/accelerate/<name>.yaml -m trl_qaloss train --config recipes/<name>.yaml
 
+    trl-qaloss generate --adapter DIR --prompt TEXT    # and `evaluate`: see trl_qaloss/inference.py
+
 Every field of `ScriptArguments`, `QALossConfig` (so every `SFTConfig` field), `ModelConfig` and
 `DatasetMixtureConfig` works in the YAML and as a flag; flags override the YAML. TRL's `TrlParser` reads the YAML
-with `yaml.safe_load` and rejects unknown keys. `trust_remote_code` stays off unless the recipe or a flag sets it.
+with `yaml.safe_load`; an unknown key or flag fails naming the closest field. `trust_remote_code` stays off unless
+the recipe or a flag sets it. A mistake in the input is reported as one line on stderr with exit code 1
+(`trl_qaloss/errors.py`); `--debug` shows the traceback.
 
 Paths that start with `trl_qaloss/demo/` name the demo's files inside the installed package, so the demo recipe
 runs from any directory after `pip install`.
@@ -14,20 +18,48 @@ runs from any directory after `pip install`.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import logging
 import os
 import sys
+import typing
+import warnings
 from dataclasses import dataclass, field
 
+import yaml
+from transformers.trainer_utils import IntervalStrategy
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
 from .config import QALossConfig
 from .demo import DEFAULT_RECIPE, resolve_demo_path
+from .errors import UsageError, did_you_mean, pop_debug_flag, report, user_errors, yaml_error_message
 
-USAGE = """usage: trl-qaloss train [--config RECIPE.yaml] [--field value ...]
+logger = logging.getLogger("trl_qaloss")
+# Share of the rows held out for evaluation when the dataset has no eval split and `test_split_size` is not set.
+DEFAULT_TEST_SPLIT_SIZE = 0.1
 
-  train   train QALossSFTTrainer from a recipe; without --config, runs the offline CPU demo (recipes/demo-cpu.yaml)
+USAGE = """usage: trl-qaloss <command> [options]
 
-`trl-qaloss train --help` lists every field."""
+  train      train QALossSFTTrainer from a recipe; without --config, runs the offline CPU demo (recipes/demo-cpu.yaml)
+  generate   complete prompts with a trained adapter (or model) and write the parsed questions and answers
+  evaluate   answer-set metrics (set-F1, ...) of a trained adapter (or model) on a dataset
+
+`trl-qaloss <command> --help` lists the options of each; `--debug` shows the traceback of an error."""
+
+TRAIN_USAGE = "trl-qaloss train [--config RECIPE.yaml] [--debug] [--FIELD VALUE ...]"
+TRAIN_DESCRIPTION = (
+    "Train QALossSFTTrainer from a YAML recipe. Every field below works in the recipe (`field: value`) and as a "
+    "flag (`--field value`); flags override the recipe."
+)
+PLUGIN_GROUP = "trl-qaloss options (the set loss, its evaluation, and this command)"
+# Where the other fields are listed in `--help`, after the plugin's own.
+GROUP_TITLES = {
+    "QALossScriptArguments": "dataset options (TRL ScriptArguments)",
+    "QALossConfig": "training options (TRL SFTConfig and transformers TrainingArguments)",
+    "ModelConfig": "model, quantization and LoRA options (TRL ModelConfig)",
+    "DatasetMixtureConfig": "dataset mixture options (TRL DatasetMixtureConfig)",
+}
 
 
 @dataclass
@@ -47,19 +79,103 @@ class QALossScriptArguments(ScriptArguments):
     )
 
 
+def own_fields(cls) -> set[str]:
+    """The fields `cls` adds to the TRL/transformers dataclass it extends."""
+    base = cls.__mro__[1]
+    return {f.name for f in dataclasses.fields(cls)} - {f.name for f in dataclasses.fields(base)}
+
+
+class QALossParser(TrlParser):
+    """`TrlParser` whose `--help` lists `--config`, `--debug` and the plugin's own fields first, in their own group,
+    then the TRL and transformers fields grouped by where they come from; unknown fields suggest the closest one."""
+
+    recipe: str | None = None  # the `--config` file, named in errors
+
+    def _add_dataclass_arguments(self, dtype):
+        if not hasattr(self, "_plugin_group"):
+            self._plugin_group = self.add_argument_group(PLUGIN_GROUP)
+            # `--config` is read by `TrlParser` before argparse sees the flags, `--debug` by `trl-qaloss` itself;
+            # SUPPRESS keeps them out of the parsed namespace.
+            self._plugin_group.add_argument(
+                "--config", metavar="RECIPE.yaml", default=argparse.SUPPRESS,
+                help="YAML recipe whose `field: value` lines set any field below; flags override it. Default: the "
+                "offline CPU demo (recipes/demo-cpu.yaml).",
+            )  # fmt: skip
+            self._plugin_group.add_argument(
+                "--debug ", dest="show_traceback", action="store_true", default=argparse.SUPPRESS,
+                help="Show the full traceback of an error (also TRL_QALOSS_DEBUG=1). `--debug VALUE` is "
+                "TrainingArguments' own `debug` field.",
+            )  # fmt: skip
+        plugin = own_fields(dtype) if dtype in (QALossScriptArguments, QALossConfig) else set()
+        group = self.add_argument_group(GROUP_TITLES.get(dtype.__name__, dtype.__name__))
+        type_hints = typing.get_type_hints(dtype)
+        for item in dataclasses.fields(dtype):
+            if item.init:
+                item.type = type_hints[item.name]
+                self._parse_dataclass_field(self._plugin_group if item.name in plugin else group, item)
+
+    def set_defaults_with_config(self, **kwargs) -> list[str]:
+        """TRL's, but an unknown recipe key fails here, before any field is validated."""
+        self.check_unknown(super().set_defaults_with_config(**kwargs), [], self.recipe)
+        return []
+
+    def parse_args_into_dataclasses(self, args=None, return_remaining_strings=False, **kwargs):
+        """HfArgumentParser's, but an unknown flag fails first, naming the closest field."""
+        self.check_unknown([], self.parse_known_args(args)[1], self.recipe)
+        return super().parse_args_into_dataclasses(args, return_remaining_strings, **kwargs)
+
+    def known_fields(self) -> list[str]:
+        return [action.dest for action in self._actions if action.dest not in ("help", "show_traceback")]
+
+    def check_unknown(self, from_recipe: list[str], from_flags: list[str], recipe: str | None) -> None:
+        """Raise a ValueError naming the first unknown recipe key or flag and the closest known field."""
+        known = self.known_fields()
+        for strings, where in ((from_recipe, f"in {recipe}"), (from_flags, "on the command line")):
+            names = [s.lstrip("-") for s in strings if s.startswith("--")] or list(strings)
+            if names:
+                name = names[0].split("=")[0].replace("-", "_")
+                raise ValueError(
+                    f"Unknown field `{name}` {where}.{did_you_mean(name, known)} `trl-qaloss train --help` lists "
+                    "every field."
+                )
+
+
 def make_parser(prog: str = "trl-qaloss train") -> TrlParser:
-    return TrlParser((QALossScriptArguments, QALossConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+    return QALossParser(
+        (QALossScriptArguments, QALossConfig, ModelConfig, DatasetMixtureConfig),
+        prog=prog, usage=TRAIN_USAGE, description=TRAIN_DESCRIPTION,
+    )  # fmt: skip
+
+
+def recipe_path(argv: list[str]) -> str | None:
+    """The recipe named by `--config` in `argv`, checked to be a readable file."""
+    if "--config" not in argv:
+        return None
+    index = argv.index("--config")
+    if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
+        raise ValueError("`--config` needs a recipe file: `--config recipes/demo-cpu.yaml`.")
+    path = argv[index + 1]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Recipe file not found: {path!r} (from `--config`).")
+    return path
 
 
 def parse_args(argv: list[str] | None = None):
     """Parse `train`'s arguments into `(script_args, training_args, model_args, dataset_args)`.
 
-    Without `--config` (and without `--help`) the embedded default recipe is used.
+    Without `--config` (and without `--help`) the embedded default recipe is used. Raises a ValueError naming an
+    unknown recipe key or flag and the closest field, and one naming the file and line of a recipe that is not YAML.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv and not {"-h", "--help"} & set(argv):
         argv = ["--config", str(DEFAULT_RECIPE), *argv]
-    script_args, training_args, model_args, dataset_args = make_parser().parse_args_and_config(argv)
+    parser = make_parser()
+    parser.recipe = recipe_path(argv)
+    try:
+        parsed = parser.parse_args_and_config(argv)
+    except yaml.YAMLError as error:
+        raise ValueError(yaml_error_message(parser.recipe, error)) from error
+    script_args, training_args, model_args, dataset_args = parsed
     model_args.model_name_or_path = resolve_demo_path(model_args.model_name_or_path)
     script_args.dataset_name = resolve_demo_path(script_args.dataset_name)
     return script_args, training_args, model_args, dataset_args
@@ -105,15 +221,50 @@ def load_datasets(script_args: QALossScriptArguments, training_args: QALossConfi
             f"The dataset has no split {script_args.dataset_train_split!r} (it has {sorted(dataset)}); "
             "set `dataset_train_split`."
         )
+    train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
+    if test_split in dataset or training_args.eval_strategy == "no":
+        if dataset_args.test_split_size is not None and not dataset_args.datasets:
+            why = f"the dataset has a {test_split!r} split" if test_split in dataset else "evaluation is off"
+            logger.warning("`test_split_size` is ignored: %s.", why)
+    else:
+        dataset = split_off_eval(dataset, train_split, test_split, dataset_args.test_split_size, training_args)
     eval_dataset = None
     if training_args.eval_strategy != "no":
-        if script_args.dataset_test_split not in dataset:
-            raise ValueError(
-                f"`eval_strategy={training_args.eval_strategy!r}` but the dataset has no split "
-                f"{script_args.dataset_test_split!r} (it has {sorted(dataset)}); set `dataset_test_split`."
-            )
-        eval_dataset = dataset[script_args.dataset_test_split]
-    return dataset[script_args.dataset_train_split], eval_dataset
+        eval_dataset = dataset[test_split]
+    return dataset[train_split], eval_dataset
+
+
+def split_off_eval(dataset, train_split: str, test_split: str, size: float | int | None, training_args):
+    """`dataset` with `test_split` split off its `train_split` (`test_split_size` of it, by default
+    `DEFAULT_TEST_SPLIT_SIZE`), drawn with the run's `seed` and logged; when no split can be made (a streamed or
+    one-row dataset), `dataset` as it is, with evaluation turned off and one warning saying why."""
+    from datasets import Dataset
+
+    train = dataset[train_split]
+    if not isinstance(train, Dataset) or len(train) < 2:
+        why = "it is streamed" if not isinstance(train, Dataset) else f"it has {len(train)} row"
+        logger.warning(
+            "The dataset has no %r split to evaluate on, and none can be split off its %r split (%s): evaluation "
+            "is off. Give a dataset with a %r split, or set `eval_strategy: no`.",
+            test_split, train_split, why, test_split,
+        )  # fmt: skip
+        training_args.eval_strategy = IntervalStrategy.NO
+        training_args.do_eval = False
+        training_args.eval_generate_samples = 0
+        return dataset
+    size = DEFAULT_TEST_SPLIT_SIZE if size is None else size
+    try:
+        parts = train.train_test_split(test_size=size, seed=training_args.seed)
+    except ValueError as error:
+        raise ValueError(f"`test_split_size={size!r}` cannot split {len(train)} rows: {error}") from error
+    logger.warning(
+        "The dataset has no %r split: evaluating on %d of its %d %r rows (test_split_size=%s, seed=%d), training on "
+        "the other %d.",
+        test_split, len(parts["test"]), len(train), train_split, size, training_args.seed, len(parts["train"]),
+    )  # fmt: skip
+    dataset = dict(dataset)
+    dataset[train_split], dataset[test_split] = parts["train"], parts["test"]
+    return dataset
 
 
 def model_from_config(model_args: ModelConfig, training_args: QALossConfig, quantization_config):
@@ -160,14 +311,35 @@ def resume_argument(value: str | bool | None) -> str | bool | None:
     return value
 
 
-def train(script_args, training_args, model_args, dataset_args):
-    """Build the trainer from parsed arguments, train, save and optionally push; returns the trainer."""
+def check_model_path(name_or_path: str | None) -> None:
+    """Raise if `model_name_or_path` is unset, or names a local directory (`./...`, `/...`, `~/...`) that is missing."""
+    if not name_or_path:
+        raise ValueError("`model_name_or_path` must be set (a hub id or a local directory).")
+    if name_or_path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(f"Model directory not found: {name_or_path!r} (from `model_name_or_path`).")
+
+
+def check_report_to(training_args: QALossConfig) -> None:
+    """Raise a ValueError naming the extra to install when `report_to` asks for TensorBoard and it is missing."""
+    import importlib.util
+
+    report_to = training_args.report_to or []
+    report_to = [report_to] if isinstance(report_to, str) else report_to
+    if "tensorboard" in report_to and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError(
+            "`report_to` includes 'tensorboard', which is not installed. Install it with "
+            '`pip install "trl-qaloss[tracking]"`, or remove it from `report_to`.'
+        )
+
+
+def build_trainer(script_args, training_args, model_args, dataset_args):
+    """The `QALossSFTTrainer` of parsed arguments: the model, the datasets and the checks of both, not yet trained."""
     from trl import get_peft_config, get_quantization_config
 
     from .trainer import QALossSFTTrainer
 
-    if not model_args.model_name_or_path:
-        raise ValueError("`model_name_or_path` must be set (a hub id or a local directory).")
+    check_model_path(model_args.model_name_or_path)
+    check_report_to(training_args)
     quantization_config = get_quantization_config(model_args)
     model = model_args.model_name_or_path
     if script_args.init_from_config:
@@ -178,7 +350,7 @@ def train(script_args, training_args, model_args, dataset_args):
     training_args.model_init_kwargs = kwargs
     train_dataset, eval_dataset = load_datasets(script_args, training_args, dataset_args)
 
-    trainer = QALossSFTTrainer(
+    return QALossSFTTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -186,11 +358,24 @@ def train(script_args, training_args, model_args, dataset_args):
         quantization_config=quantization_config if isinstance(model, str) else None,
         peft_config=get_peft_config(model_args),
     )
+
+
+def train(script_args, training_args, model_args, dataset_args):
+    """Build the trainer from parsed arguments, train, save and optionally push; returns the trainer.
+
+    Mistakes in the input found while building the trainer raise `UsageError`; errors while training keep theirs.
+    """
+    from .inference import write_base_model_info
+
+    with user_errors():
+        trainer = build_trainer(script_args, training_args, model_args, dataset_args)
     trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
     trainer.accelerator.print("Training completed.")
 
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the logged losses and metrics, next to the saved weights
+    if trainer.accelerator.is_main_process:
+        write_base_model_info(training_args.output_dir, model_args, training_args)
     what = "LoRA adapter" if model_args.use_peft else "Model"
     trainer.accelerator.print(f"{what} saved to {os.path.abspath(training_args.output_dir)}")
     if training_args.push_to_hub:
@@ -202,15 +387,36 @@ def train(script_args, training_args, model_args, dataset_args):
     return trainer
 
 
+COMMANDS = ("train", "generate", "evaluate")
+
+
+def run_train(argv: list[str]) -> None:
+    with user_errors():
+        parsed = parse_args(argv)
+    train(*parsed)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
-    if argv[0] != "train":
-        print(f"trl-qaloss: unknown command {argv[0]!r}.\n\n{USAGE}", file=sys.stderr)
+    if argv[0] not in COMMANDS:
+        hint = did_you_mean(argv[0], COMMANDS)
+        print(f"trl-qaloss: unknown command {argv[0]!r}.{hint}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
-    train(*parse_args(argv[1:]))
+    command, (args, debug) = argv[0], pop_debug_flag(argv[1:])
+    # PEFT reads `model.is_gradient_checkpointing`, which transformers now calls deprecated: nothing a user can change.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    try:
+        if command == "train":
+            run_train(args)
+        else:
+            from .inference import run_evaluate, run_generate
+
+            (run_generate if command == "generate" else run_evaluate)(args)
+    except UsageError as error:
+        report(error, debug)
 
 
 if __name__ == "__main__":

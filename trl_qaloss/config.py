@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from .answer_order import ANSWER_ORDERS
-from .loss import REDUCTIONS
+from .reduction import REDUCTIONS
 
 
 @dataclass
@@ -16,7 +16,7 @@ class QALossConfig(SFTConfig):
     r"""
     Configuration for [`QALossSFTTrainer`]: every [`~trl.SFTConfig`] field, plus the set-matching loss.
 
-    Training minimises `lambda_ce * SFT_cross_entropy + lambda_set * set_loss` .
+    Training minimises `lambda_ce * SFT_cross_entropy + lambda_set * set_loss`.
 
     Parameters:
         lambda_ce (`float`, defaults to `1.0`): weight of the SFT cross-entropy.
@@ -36,15 +36,30 @@ class QALossConfig(SFTConfig):
         eval_max_new_tokens (`int`, defaults to `128`): most tokens generated per eval prompt.
         eval_generate_batch_size (`int` or `None`, defaults to `None`): prompts per `generate` call; `None` uses
             `per_device_eval_batch_size`.
+        activation_checkpointing (`bool`, defaults to `True`): as in TRL, on by default; named here under its
+            current transformers name so that a default config raises no deprecation warning about
+            `gradient_checkpointing`, which remains an alias.
     """
 
+    # TRL sets the deprecated `gradient_checkpointing` to True, which makes transformers warn on every config; the same
+    # default under the current name keeps TRL's behaviour without the warning. The alias still works when set.
+    activation_checkpointing: bool | None = field(
+        default=True,
+        metadata={"help": "Recompute activations in the backward pass to save memory (slower); on by default."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Old name of `activation_checkpointing`; use that instead."}
+    )
+
     lambda_ce: float = field(
-        default=1.0, metadata={"help": "Weight of the SFT cross-entropy term."}
+        default=1.0,
+        metadata={"help": "Weight of the SFT cross-entropy (the usual next-token loss) in the training loss."},
     )
     lambda_set: float = field(
         default=1.0,
         metadata={
-            "help": "Weight of the set-matching loss. 0 (with answer_order 'data') trains exactly like SFTTrainer."
+            "help": "Weight of the set-matching loss, which scores the answers of each question whatever their "
+            "order. 0 (with answer_order 'data') trains exactly like SFTTrainer."
         },
     )
     qa_token: str = field(default="<QA>", metadata={"help": "Token that starts each question/answer item."})
@@ -91,6 +106,9 @@ class QALossConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        if self.gradient_checkpointing is not None:
+            # The old name was set: transformers reads it (and says to rename it) only when the new one is unset.
+            self.activation_checkpointing = None
         for name in ("lambda_ce", "lambda_set"):
             value = getattr(self, name)
             # bool is an int, and an infinite weight gives an infinite loss at the first step.

@@ -15,8 +15,9 @@ Rows already in TRL's prompt/completion, language-modeling or conversational for
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 STRUCTURED_FIELDS = ("context", "prompt", "qas")
@@ -126,7 +127,10 @@ def format_qas_dataset(dataset, *, qa_token: str = "<QA>", answer_token: str = "
     """
     columns = dataset.column_names
     if columns is None:  # a streamed dataset whose features are unknown: read them off its first row
-        columns = next(iter(dataset)).keys()
+        first = next(iter(dataset), None)
+        if first is None:
+            raise ValueError(f"{source or 'The dataset'} is empty: it has no rows.")
+        columns = first.keys()
     columns = set(columns)
     if is_structured(columns):
         kwargs = dict(qa_token=qa_token, answer_token=answer_token, question_end=question_end, source=source)
@@ -138,6 +142,50 @@ def format_qas_dataset(dataset, *, qa_token: str = "<QA>", answer_token: str = "
         f"{source or 'The dataset'} has columns {sorted(columns)}, in no format trl-qaloss reads. Use structured rows "
         "{'context', 'qas'}, or TRL's {'prompt', 'completion'}, {'messages'} or {'text'}."
     )
+
+
+def read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
+    """`(line number, value)` of each non-blank line of a JSONL file; a ValueError names the first invalid line."""
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno}). Each "
+                                 "line must be one JSON value.") from error  # fmt: skip
+
+
+def check_json_file(path: str) -> None:
+    """Raise a ValueError naming `path` if it holds no rows, or (a `.jsonl` file) the first line that is not JSON.
+
+    Run before `datasets` reads the file, whose own errors are a bare `StopIteration` for an empty file and a
+    pyarrow parse error without the line for a broken one.
+    """
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as file:
+            if not file.read().strip():
+                raise ValueError(f"{path} is empty: it has no rows. Write one JSON object per row.")
+        return
+    rows = 0
+    for number, row in read_jsonl(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {number}: a row must be a JSON object, got {type(row).__name__}.")
+        rows += 1
+    if rows == 0:
+        raise ValueError(f"{path} is empty: it has no rows. Write one JSON object per line, e.g. "
+                         '{"context": "...", "qas": [{"question": "...?", "answers": ["..."]}]}.')  # fmt: skip
+
+
+def format_structured(dataset, *, source: str, qa_token: str = "<QA>", answer_token: str = "<A>",
+                      question_end: str = "?"):  # fmt: skip
+    """`format_qas_dataset(dataset)` if its rows are structured `{"context", "qas"}` rows, else `dataset` unchanged."""
+    columns = getattr(dataset, "column_names", None)
+    if not isinstance(columns, list) or not is_structured(columns):
+        return dataset
+    return format_qas_dataset(dataset, qa_token=qa_token, answer_token=answer_token, question_end=question_end,
+                              source=source)  # fmt: skip
 
 
 def load_qa_dataset(name_or_path: str, config: str | None = None, streaming: bool = False, **kwargs):
@@ -154,7 +202,15 @@ def load_qa_dataset(name_or_path: str, config: str | None = None, streaming: boo
     if os.path.isfile(name_or_path):
         if not name_or_path.endswith((".json", ".jsonl")):
             raise ValueError(f"Local dataset files must be .json or .jsonl, got {name_or_path!r}.")
+        check_json_file(name_or_path)
         dataset = load_dataset("json", data_files={"train": name_or_path}, streaming=streaming)
+    elif os.path.isdir(name_or_path):
+        for file in sorted(os.listdir(name_or_path)):
+            if file.endswith((".json", ".jsonl")):
+                check_json_file(os.path.join(name_or_path, file))
+        dataset = load_dataset(name_or_path, name=config, streaming=streaming)
+    elif name_or_path.endswith((".json", ".jsonl")) or name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"Dataset file not found: {name_or_path!r} (from `dataset_name`).")
     else:
         dataset = load_dataset(name_or_path, name=config, streaming=streaming)
     for split in list(dataset):

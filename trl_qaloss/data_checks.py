@@ -7,10 +7,13 @@ target answer in its trained tokens, or the set loss would be 0 at every step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from datasets import Dataset
 
 from .loss import count_target_answer_tokens
+from .parsing import parse_answer_tokens
 from .separators import QASeparators
 
 # Rows parsed at a time; the scan stops at the first batch with a target answer, so a good dataset costs one batch.
@@ -40,13 +43,97 @@ def check_columns(dataset, name: str, text_field: str, has_formatting_func: bool
     raise ValueError(f"`{name}` has none of the fields SFTTrainer reads (its columns: {columns}). {fix}")
 
 
+def check_chat_template(dataset, name: str, tokenizer, chat_template_path: str | None) -> None:
+    """Raise a ValueError if `dataset`'s rows are chat messages and neither the tokenizer nor `chat_template_path`
+    gives a chat template to turn them into text (TRL would fail deep inside transformers on the first row)."""
+    from trl.data_utils import is_conversational
+
+    if chat_template_path is not None or getattr(tokenizer, "chat_template", None) is not None:
+        return
+    if not isinstance(dataset, Dataset) or len(dataset) == 0 or not is_conversational(dataset[0]):
+        return
+    model = getattr(tokenizer, "name_or_path", "") or "the model"
+    raise ValueError(
+        f"`{name}` holds chat messages, but the tokenizer of {model} has no chat template to turn them into text. "
+        "Set `chat_template_path` (a .jinja file, or a tokenizer directory whose template to use), or use a model "
+        "whose tokenizer has one (e.g. an -Instruct model)."
+    )
+
+
+def answer_spans(labels: list[list[int]], seps: QASeparators) -> list[list[tuple[int, int]]]:
+    """For each row of un-shifted `labels` (-100 where not trained), the `(first, last)` token positions of each
+    target answer, read as the set loss reads them."""
+    length = max((len(r) for r in labels), default=0)
+    if length < 2:
+        return [[] for _ in labels]
+    padded = torch.full((len(labels), length), -100, dtype=torch.long)
+    for i, r in enumerate(labels):
+        padded[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    targets = padded[:, 1:]
+    num_ids = max(seps.vocab_size or 0, int(targets.max()) + 1)
+    parsed = parse_answer_tokens(targets, targets != -100, seps, num_ids)
+    spans: dict[tuple[int, int], tuple[int, int]] = {}
+    for row, pos, answer in zip(parsed.row.tolist(), parsed.pos.tolist(), parsed.answer.tolist(), strict=True):
+        first = spans.get((row, answer), (pos + 1, pos + 1))[0]  # target p is token p + 1
+        spans[(row, answer)] = (first, pos + 1)
+    rows: list[list[tuple[int, int]]] = [[] for _ in labels]
+    for (row, _), span in sorted(spans.items()):
+        rows[row].append(span)
+    return rows
+
+
+@dataclass
+class TruncationReport:
+    """What `max_length` cut from a prepared dataset: rows longer than it, and target answers not wholly kept."""
+
+    rows: int = 0
+    truncated_rows: int = 0
+    answers: int = 0
+    cut_answers: int = 0
+    examples: list[int] = field(default_factory=list)  # indices of the first rows that lost an answer
+
+    def message(self, name: str, max_length: int) -> str:
+        rows = ", ".join(map(str, self.examples))
+        return (
+            f"`max_length={max_length}` truncates {self.truncated_rows} of {self.rows} rows of `{name}` and cuts "
+            f"{self.cut_answers} of their {self.answers} target answers (e.g. rows {rows}): the set loss and the "
+            "cross-entropy never see those answers. Raise `max_length`, or shorten the prompts."
+        )
+
+
+def truncation_report(dataset: Dataset, max_length: int, keep_end: bool, seps: QASeparators) -> TruncationReport:
+    """Count, in an untruncated prepared dataset (`labels`), what truncating it to `max_length` cuts.
+
+    An answer is cut when any of its tokens falls outside the kept `max_length` tokens (the first ones, or the last
+    ones with `keep_end`).
+    """
+    report = TruncationReport(rows=len(dataset))
+    start = 0
+    for batch in dataset.select_columns(["labels"]).iter(SCAN_ROWS):
+        for offset, (row, spans) in enumerate(zip(batch["labels"], answer_spans(batch["labels"], seps), strict=True)):
+            report.answers += len(spans)
+            if len(row) <= max_length:
+                continue
+            report.truncated_rows += 1
+            first_kept = len(row) - max_length if keep_end else 0
+            cut = sum(1 for first, last in spans if first < first_kept or last >= first_kept + max_length)
+            if cut:
+                report.cut_answers += cut
+                if len(report.examples) < 3:
+                    report.examples.append(start + offset)
+        start += len(batch["labels"])
+    return report
+
+
 def _trained_text(row: list[int], tokenizer, limit: int = 120) -> str:
     text = tokenizer.decode([t for t in row if t != -100])
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def check_set_targets(dataset, seps: QASeparators, tokenizer, name: str, args) -> None:
+def check_set_targets(dataset, seps: QASeparators, tokenizer, name: str, args, hint: str | None = None) -> None:
     """Raise a ValueError if no row of the prepared `dataset` has a target answer among its trained tokens.
+
+    `hint`: what truncation to `max_length` cut, if it cut target answers; it becomes the message.
 
     Reads `labels` (or `input_ids` when there are none), shifted as a causal LM reads them, with packed rows split at
     their `seq_lengths`. Stops at the first batch of rows that has an answer. `args`: the `QALossConfig`.
@@ -57,7 +144,7 @@ def check_set_targets(dataset, seps: QASeparators, tokenizer, name: str, args) -
     if len(dataset) == 0:
         raise ValueError(
             f"`{name}` has no rows left after preparation: TRL drops rows whose labels are all masked, e.g. when "
-            "the prompt alone fills `max_length`. Raise `max_length` or shorten the prompts."
+            f"the prompt alone fills `max_length={args.max_length}`. Raise `max_length` or shorten the prompts."
         )
     column = "labels" if "labels" in dataset.column_names else "input_ids"
     first = {"all_masked": None, "no_qa": None, "no_answer": None}
@@ -87,6 +174,8 @@ def check_set_targets(dataset, seps: QASeparators, tokenizer, name: str, args) -
             if first[kind] is None:
                 first[kind] = (start + i, rows[i])
         start += len(rows)
+    if hint:  # truncation cut the answers: that is the fix to name
+        raise ValueError(f"No target answer of `{name}` is left after truncation to `max_length`. {hint}")
     lines = [f"No row of `{name}` has a target answer among its trained tokens, so the set loss would be 0 at every "
              "step:"]  # fmt: skip
     if first["all_masked"] is not None:

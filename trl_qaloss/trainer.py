@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import inspect
 import logging
 
 import torch
+from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin, TrainingArguments, set_seed
 from transformers.trainer_utils import enable_full_determinism
 from trl import SFTTrainer
@@ -26,7 +29,9 @@ from .answer_order import (
 from .callbacks import QASetEvalCallback
 from .checkpoints import resolve_resume_checkpoint
 from .config import QALossConfig
-from .data_checks import check_columns, check_set_targets
+from .data import format_structured
+from .data_checks import check_chat_template, check_columns, check_set_targets, truncation_report
+from .logprobs import CHUNK_ELEMENTS, CUDA_CHUNK_ELEMENTS
 from .loss import seq_starts_from, set_loss_terms, target_counts
 from .matching import align_answers
 from .reduction import reduce_set_loss, reduction_count
@@ -44,8 +49,17 @@ def _as_qaloss_config(args, model) -> QALossConfig:
     if isinstance(args, TrainingArguments):
         # Not `to_dict()`: it masks every field named `*_token`, which would replace `eos_token` or `pad_token`.
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+        # The old `gradient_checkpointing*` names mirror the `activation_checkpointing*` ones once set; copying them
+        # too would read as the deprecated spelling and warn again.
+        values.pop("gradient_checkpointing", None)
+        values.pop("gradient_checkpointing_kwargs", None)
         return QALossConfig(**{k: v for k, v in values.items() if k in QALossConfig.__dataclass_fields__})
     raise TypeError(f"`args` must be a QALossConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
+
+
+def _reads_items(args: QALossConfig) -> bool:
+    """Whether training parses the items (for the set loss or the reordering); if not, this is `SFTTrainer`."""
+    return args.lambda_set > 0 or args.answer_order != "data"
 
 
 class QALossSFTTrainer(SFTTrainer):
@@ -99,8 +113,11 @@ class QALossSFTTrainer(SFTTrainer):
         tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError("`processing_class` must be a tokenizer or a processor that holds one.")
-        # Both the set loss and the reordering read items; with neither, this is `SFTTrainer` itself.
-        reads_items = args.lambda_set > 0 or args.answer_order != "data"
+        reads_items = _reads_items(args)
+        train_dataset, eval_dataset = self._format_structured(args, train_dataset, eval_dataset)
+        for name, dataset in self._named_datasets(train_dataset, eval_dataset).items():
+            check_chat_template(dataset, name, tokenizer, args.chat_template_path)
+        self._truncation_hints: dict[str, str] = {}
         if args.lambda_set > 0:
             self._check_supported(args, kwargs, positional)
         if reads_items:
@@ -115,7 +132,8 @@ class QALossSFTTrainer(SFTTrainer):
                 tokenizer, args.qa_token, args.answer_token, args.question_end
             )
         if reads_items and self.train_dataset is not None:
-            check_set_targets(self.train_dataset, self.separators, tokenizer, "train_dataset", args)
+            hint = self._truncation_hints.get("train")
+            check_set_targets(self.train_dataset, self.separators, tokenizer, "train_dataset", args, hint)
         if args.lambda_set > 0 and args.packing and not self.padding_free:
             logger.warning(
                 "packing_strategy=%r without padding_free packs documents into rows without sequence boundaries, so "
@@ -125,6 +143,8 @@ class QALossSFTTrainer(SFTTrainer):
             )
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
+        # FSDP and DeepSpeed gather parameters in the wrapped model's forward: there, "aligned" scores through it.
+        self._argmax_from_hidden_states = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         self._set_count_in_batch = None
         if args.eval_generate_samples > 0 and self.eval_dataset is None and args.eval_strategy == "no":
             # A recipe that turns evaluation off (`--eval_strategy no`) also turns off its generation metrics.
@@ -139,15 +159,49 @@ class QALossSFTTrainer(SFTTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     @staticmethod
-    def _check_datasets(args: QALossConfig, train_dataset, eval_dataset, has_formatting_func: bool) -> None:
+    def _named_datasets(train_dataset, eval_dataset) -> dict:
+        """`{"train_dataset": ..., "eval_dataset": ...}` (`eval_dataset['name']` for a dict), without the `None`s."""
         datasets = {"train_dataset": train_dataset}
         if isinstance(eval_dataset, dict):
             datasets.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
         else:
             datasets["eval_dataset"] = eval_dataset
-        for name, dataset in datasets.items():
-            if dataset is not None:
-                check_columns(dataset, name, args.dataset_text_field, has_formatting_func)
+        return {name: dataset for name, dataset in datasets.items() if dataset is not None}
+
+    @staticmethod
+    def _format_structured(args: QALossConfig, train_dataset, eval_dataset):
+        """The datasets with structured `{"context", "qas"}` rows converted by `format_qas_dataset`, as the CLI does."""
+        separators = {name: getattr(args, name) for name in ("qa_token", "answer_token", "question_end")}
+        train_dataset = format_structured(train_dataset, source="train_dataset", **separators)
+        if isinstance(eval_dataset, dict):
+            return train_dataset, {
+                k: format_structured(v, source=f"eval_dataset[{k!r}]", **separators) for k, v in eval_dataset.items()
+            }
+        return train_dataset, format_structured(eval_dataset, source="eval_dataset", **separators)
+
+    @staticmethod
+    def _check_datasets(args: QALossConfig, train_dataset, eval_dataset, has_formatting_func: bool) -> None:
+        for name, dataset in QALossSFTTrainer._named_datasets(train_dataset, eval_dataset).items():
+            check_columns(dataset, name, args.dataset_text_field, has_formatting_func)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """TRL's preparation; before truncating to `max_length`, counts the rows and target answers it cuts and warns
+        (the hint is repeated if no target answer survives)."""
+        if not (_reads_items(args) and args.max_length is not None and not packing and isinstance(dataset, Dataset)):
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        untruncated_args = copy.copy(args)
+        untruncated_args.max_length, untruncated_args.shuffle_dataset = None, False
+        full = super()._prepare_dataset(
+            dataset, processing_class, untruncated_args, packing, formatting_func, dataset_name
+        )
+        tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+        seps = QASeparators.from_tokenizer(tokenizer, args.qa_token, args.answer_token, args.question_end)
+        report = truncation_report(full, args.max_length, args.truncation_mode == "keep_end", seps)
+        if report.cut_answers:
+            self._truncation_hints[dataset_name] = report.message(f"{dataset_name}_dataset", args.max_length)
+            logger.warning(self._truncation_hints[dataset_name])
+        # `full` is tokenized and labelled, so TRL only truncates it (and shuffles it if asked).
+        return super()._prepare_dataset(full, processing_class, args, packing, None, dataset_name)
 
     @staticmethod
     def _check_supported(args: QALossConfig, kwargs: dict, positional: tuple = ()) -> None:
@@ -265,8 +319,9 @@ class QALossSFTTrainer(SFTTrainer):
     def _reorder_answers(self, model, inputs: dict) -> dict:
         """`inputs` with `input_ids` and `labels` rewritten in the configured `answer_order` (see `reorder_answers`).
 
-        "preferred" and "aligned" run one forward without gradient on the batch as given, dropout off, keeping
-        only the logits they read: one position per item for "preferred", the labelled positions for "aligned".
+        "preferred" and "aligned" run one forward without gradient on the batch as given, dropout off, building
+        only the logits they read: one position per item for "preferred", the argmax of the labelled positions for
+        "aligned".
         The batch is left as it is when no item has two answers.
         """
         order = self.args.answer_order
@@ -285,39 +340,84 @@ class QALossSFTTrainer(SFTTrainer):
             logits = self._scoring_logits(model, inputs, kept)
             keys = preferred_keys(logits[rows, index, cores.first_token])
         else:
+            predictions = self._scoring_argmax(model, inputs, targets)
             valid = targets != -100
-            first = int(valid.any(0).nonzero()[0])
-            logits = self._scoring_logits(model, inputs, torch.arange(first, labels.size(1), device=labels.device))
-            predictions = torch.zeros_like(targets)
-            predictions[:, first:] = argmax_predictions(logits, targets[:, first:])
-            del logits
+            # Models often have more output rows than the tokenizer has tokens; those ids are skip tokens.
+            num_ids = max(num_ids, int(predictions.max()) + 1)
             alignment = align_answers(targets, predictions, valid, self.separators, num_ids, seq_starts)
             cores = cores_of(alignment.target_tokens, alignment.target_answers, valid)
             keys = aligned_keys(alignment)
         input_ids, labels = apply_answer_order(inputs["input_ids"], labels, cores, new_answer_order(cores, keys))
         return {**inputs, "input_ids": input_ids, "labels": labels}
 
+    @contextlib.contextmanager
+    def _dropout_off(self, model):
+        """Dropout layers in eval mode, so that a scoring forward does not depend on a random mask. Only them: in
+        eval mode, bitsandbytes' 4-bit layers repack their weights in place on some CPUs, which breaks the next
+        training step."""
+        dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+        for m in dropouts:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m in dropouts:
+                m.train()
+
     @torch.no_grad()
     def _scoring_logits(self, model, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
         """`[B, K, V]` logits at the sorted `positions` `[K]` of a forward without gradient on `inputs`."""
         forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         forward_inputs["use_cache"] = False
-        contiguous = positions.numel() and int(positions[-1]) - int(positions[0]) + 1 == positions.numel()
         if self._accepts_logits_to_keep:
             # A tail is kept with an int (every model takes it); other positions with a 1-D index tensor.
+            contiguous = int(positions[-1]) - int(positions[0]) + 1 == positions.numel()
             ends_the_row = contiguous and int(positions[-1]) == inputs["labels"].size(1) - 1
             forward_inputs["logits_to_keep"] = positions.numel() if ends_the_row else positions
-        # Dropout off, so the order does not depend on a random mask. Only the dropout layers: in eval mode,
-        # bitsandbytes' 4-bit layers repack their weights in place on some CPUs, which breaks the next training step.
-        dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
-        for m in dropouts:
-            m.eval()
-        try:
+        with self._dropout_off(model):
             logits = model(**forward_inputs).logits
-        finally:
-            for m in dropouts:
-                m.train()
         return logits if self._accepts_logits_to_keep else logits[:, positions]
+
+    @torch.no_grad()
+    def _scoring_argmax(self, model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
+        """`[B, P]` the argmax of a forward without gradient at every labelled target position (0 elsewhere).
+
+        When the model can be split into its backbone and LM head (not under FSDP or DeepSpeed, which shard them),
+        only the backbone's hidden states are kept and the LM head runs on chunks of the labelled rows: no
+        `[B, T, V]` logits are built. Final-logit scaling and soft-capping, which some models apply after the head,
+        are monotone and leave the argmax as it is.
+        """
+        valid = targets != -100
+        first = int(valid.any(0).nonzero()[0])
+        predictions = torch.zeros_like(targets)
+        parts = self._backbone_and_head(model) if self._argmax_from_hidden_states else None
+        if parts is None:
+            tail = torch.arange(first, targets.size(1) + 1, device=targets.device)  # logits positions first..T-1
+            logits = self._scoring_logits(model, inputs, tail)
+            predictions[:, first:] = argmax_predictions(logits, targets[:, first:])
+            return predictions
+        backbone, head = parts
+        forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        with self._dropout_off(model):
+            hidden = backbone(**forward_inputs, use_cache=False).last_hidden_state  # [B, T, H]
+        rows_b, rows_p = valid.nonzero(as_tuple=True)  # logits[:, p] predicts targets[:, p]
+        step = max(1, (CHUNK_ELEMENTS if hidden.device.type == "cpu" else CUDA_CHUNK_ELEMENTS) // head.out_features)
+        for start in range(0, rows_b.numel(), step):
+            b, p = rows_b[start : start + step], rows_p[start : start + step]
+            predictions[b, p] = head(hidden[b, p].to(head.weight.device)).argmax(-1).to(predictions.device)
+        return predictions
+
+    def _backbone_and_head(self, model):
+        """`(backbone, lm_head)` of the model being trained, or None if it has no such split."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        backbone = getattr(base, "base_model", None)
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        if backbone is None or backbone is base or not isinstance(getattr(head, "weight", None), torch.Tensor):
+            return None
+        if not hasattr(head, "out_features"):
+            return None
+        return backbone, head
 
     def _log_metrics(self, mode, inputs, terms, nll_sum, targets) -> None:
         gather = self.accelerator.gather_for_metrics

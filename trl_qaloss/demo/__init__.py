@@ -14,6 +14,7 @@ Recipes name these files as `trl_qaloss/demo/...`; `resolve_demo_path` finds the
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 DEMO_DIR = Path(__file__).resolve().parent
@@ -27,4 +28,12 @@ def resolve_demo_path(value: str | None) -> str | None:
     """`trl_qaloss/demo/<rest>` -> the absolute path of `<rest>` in the installed package; anything else unchanged."""
     if isinstance(value, str) and value.replace("\\", "/").startswith(PREFIX):
         return str(DEMO_DIR / value[len(PREFIX) :])
+    return value
+
+
+def portable_demo_path(value: str | None) -> str | None:
+    """The inverse of `resolve_demo_path`: a path inside the installed demo -> `trl_qaloss/demo/<rest>`, so that a
+    file recording it (an adapter's base model) still names the demo on another machine; anything else unchanged."""
+    if isinstance(value, str) and os.path.isabs(value) and Path(value).resolve().is_relative_to(DEMO_DIR):
+        return PREFIX + Path(value).resolve().relative_to(DEMO_DIR).as_posix()
     return value

@@ -1,0 +1,92 @@
+"""`trl-qaloss generate` and `evaluate` on an adapter trained by `trl-qaloss train`, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import DEMO_RECIPE, SHORT_RUN, error_lines, run_cli
+
+
+@pytest.fixture(scope="session")
+def demo_adapter(tmp_path_factory):
+    """The demo recipe trained for 2 steps by the real command: the adapter's directory."""
+    work = tmp_path_factory.mktemp("adapter")
+    result = run_cli("train", "--config", DEMO_RECIPE, "--output_dir", "adapter", *SHORT_RUN, "--eval_strategy", "no",
+                     cwd=work)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work / "adapter"
+
+
+def test_the_adapter_records_its_4bit_base(demo_adapter):
+    from bitsandbytes.nn import Linear4bit
+    from peft import PeftModel
+
+    from trl_qaloss.inference import BASE_INFO_FILE, load_for_inference
+
+    info = json.loads((demo_adapter / BASE_INFO_FILE).read_text())
+    # the shipped demo model is recorded as the recipe names it, so the adapter loads wherever the package is installed
+    assert info["base_model_name_or_path"] == "trl_qaloss/demo/model" and info["quantization_config"]["load_in_4bit"]
+    loaded = load_for_inference(str(demo_adapter))
+    assert isinstance(loaded.model, PeftModel) and not loaded.model.training
+    assert any(isinstance(m, Linear4bit) for m in loaded.model.modules())
+    assert loaded.separators == ("<QA>", "<A>", "?")
+
+
+def test_generate_writes_one_line_per_prompt(demo_adapter, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        '{"prompt": "Tell me about valdor."}\n"Tell me about nireper."\n{"context": "Tell me about oru."}\n'
+    )
+    result = run_cli("generate", "--adapter", str(demo_adapter), "--prompts", "prompts.jsonl", "--max_new_tokens",
+                     "16", "--batch_size", "2", "--output", "out.jsonl", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Generating" in result.stderr and "Wrote 3 completions to" in result.stderr  # the progress bar, the file
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [line["prompt"] for line in lines] == [
+        "Tell me about valdor.",
+        "Tell me about nireper.",
+        "Tell me about oru.",
+    ]
+    for line in lines:
+        assert set(line) == {"prompt", "completion", "qas"} and isinstance(line["completion"], str)
+        assert all(set(item) == {"question", "answers"} for item in line["qas"])
+
+
+def test_generate_one_prompt_to_stdout(demo_adapter, tmp_path):
+    result = run_cli("generate", "--adapter", str(demo_adapter), "--prompt", "Tell me about valdor.",
+                     "--max_new_tokens", "16", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [json.loads(text) for text in result.stdout.splitlines()]
+    assert line["prompt"] == "Tell me about valdor." and isinstance(line["qas"], list)
+
+
+def test_evaluate_prints_and_writes_the_answer_set_metrics(demo_adapter, tmp_path):
+    result = run_cli("evaluate", "--adapter", str(demo_adapter), "--dataset_name", "trl_qaloss/demo/data",
+                     "--eval_generate_samples", "4", "--max_new_tokens", "16", "--output", "metrics.json",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout.splitlines()
+    assert table[0].split() == ["metric", "value"] and any(row.split()[0] == "set_f1" for row in table[2:-1])
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["split"] == "test" and written["num_rows"] == 4
+    metrics = written["metrics"]
+    assert metrics["num_examples"] == 4 and 0 <= metrics["set_f1"] <= 1 and metrics["questions_expected"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--adapter", "nope", "--prompt", "x"], r"'nope' is not a LoRA adapter directory"),
+        (["generate", "--adapter", "ADAPTER", "--prompts", "nope.jsonl"], r"Prompts file not found: 'nope\.jsonl'"),
+        (["evaluate", "--adapter", "ADAPTER", "--dataset_name", "nope.jsonl"], r"Dataset file not found"),
+    ],
+)
+def test_inference_input_errors_are_one_message(demo_adapter, tmp_path, args, message):
+    import re
+
+    result = run_cli(*[str(demo_adapter) if a == "ADAPTER" else a for a in args], cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = error_lines(result.stderr)
+    assert re.search(message, line), line

@@ -1,0 +1,118 @@
+"""A user's own data: one JSONL file without an eval split, structured rows from Python, truncation, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+
+from tests.conftest import DEMO_RECIPE, ROOT, SHORT_RUN, build_tokenizer, qa_config, run_cli, tiny_llama
+from trl_qaloss import QALossSFTTrainer
+
+DEMO_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "train.jsonl").read_text().splitlines()
+
+
+def own_jsonl(directory: Path, rows: int = 40) -> str:
+    (directory / "my.jsonl").write_text("\n".join(DEMO_ROWS[:rows]) + "\n")
+    return "my.jsonl"
+
+
+def test_own_jsonl_without_eval_split_trains_and_evaluates(tmp_path):
+    """`--dataset_name my.jsonl` with the demo recipe, which evaluates: an eval split is split off, as logged."""
+    data = own_jsonl(tmp_path)
+    result = run_cli("train", "--config", DEMO_RECIPE, "--dataset_name", data, "--output_dir", "out", *SHORT_RUN,
+                     "--eval_steps", "2", "--eval_generate_samples", "2", "--test_split_size", "0.25",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "The dataset has no 'test' split: evaluating on 10 of its 40 'train' rows (test_split_size=0.25, seed=0), "
+        "training on the other 30." in result.stderr
+    )
+    # no warning a user cannot act on: deprecated field names, a CPU kernel hint of bitsandbytes
+    assert "FutureWarning" not in result.stderr and "kernels-community" not in result.stderr
+    assert "Traceback" not in result.stderr
+    logs = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    assert any("eval_loss" in log for log in logs) and any("eval_set_f1" in log for log in logs)
+
+
+def test_the_default_eval_split_is_a_tenth_drawn_with_the_seed(tmp_path):
+    from trl_qaloss.cli import load_datasets, parse_args
+
+    data = tmp_path / own_jsonl(tmp_path)
+    splits = []
+    for _ in range(2):
+        script_args, training_args, _, dataset_args = parse_args(["--dataset_name", str(data)])
+        train, evaluation = load_datasets(script_args, training_args, dataset_args)
+        splits.append((list(train["completion"]), list(evaluation["completion"])))
+    assert len(splits[0][0]) == 36 and len(splits[0][1]) == 4
+    assert splits[0] == splits[1] and not set(splits[0][0]) & set(splits[0][1])
+
+
+def test_a_one_row_dataset_trains_without_evaluation(tmp_path, caplog):
+    from trl_qaloss.cli import load_datasets, parse_args
+
+    data = tmp_path / own_jsonl(tmp_path, rows=1)
+    script_args, training_args, _, dataset_args = parse_args(["--dataset_name", str(data)])
+    with caplog.at_level(logging.WARNING):
+        train, evaluation = load_datasets(script_args, training_args, dataset_args)
+    assert len(train) == 1 and evaluation is None and training_args.eval_strategy == "no"
+    assert "none can be split off its 'train' split (it has 1 row): evaluation is off" in caplog.text
+
+
+STRUCTURED = [
+    {
+        "context": "context ann bob",
+        "qas": [{"question": "who wrote it?", "answers": ["ann", "bob"]}, {"question": "where?", "answers": ["paris"]}],
+    }  # fmt: skip
+] * 8
+
+
+def test_structured_rows_passed_from_python_are_converted(tmp_path):
+    from trl_qaloss.data import format_qas
+
+    tokenizer = build_tokenizer()
+    trainer = QALossSFTTrainer(model=tiny_llama(len(tokenizer)), args=qa_config(tmp_path),
+                               train_dataset=Dataset.from_list(STRUCTURED), processing_class=tokenizer)  # fmt: skip
+    expected = tokenizer(format_qas(STRUCTURED[0])["completion"], add_special_tokens=False)["input_ids"]
+    first = trainer.train_dataset[0]
+    trained = [t for t, label in zip(first["input_ids"], first["labels"], strict=True) if label != -100]
+    assert trained[: len(expected)] == expected
+    trainer.train()
+
+
+def test_max_length_that_cuts_answers_warns_with_the_counts(tmp_path, caplog):
+    tokenizer = build_tokenizer()
+    with caplog.at_level(logging.WARNING, logger="trl_qaloss"):
+        QALossSFTTrainer(model=tiny_llama(len(tokenizer)), args=qa_config(tmp_path, max_length=20),
+                         train_dataset=Dataset.from_list(STRUCTURED), processing_class=tokenizer)  # fmt: skip
+    assert "`max_length=20` truncates 8 of 8 rows of `train_dataset` and cuts 16 of their 24 target answers" in (
+        caplog.text
+    )
+
+
+def test_max_length_that_cuts_nothing_is_silent(tmp_path, caplog):
+    tokenizer = build_tokenizer()
+    with caplog.at_level(logging.WARNING, logger="trl_qaloss"):
+        QALossSFTTrainer(model=tiny_llama(len(tokenizer)), args=qa_config(tmp_path, max_length=128),
+                         train_dataset=Dataset.from_list(STRUCTURED), processing_class=tokenizer)  # fmt: skip
+    assert "max_length" not in caplog.text
+
+
+def test_report_to_tensorboard_writes_the_set_metrics(tmp_path):
+    pytest.importorskip("tensorboard", reason="the `tracking` extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run_cli("train", "--output_dir", "out", *SHORT_RUN, "--report_to", "tensorboard", "--eval_steps", "2",
+                     "--eval_generate_samples", "2", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = sorted((tmp_path / "out").rglob("events.out.tfevents.*"))
+    assert events, list((tmp_path / "out").rglob("*"))
+    tags = set()
+    for path in events:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/set_loss", "eval/set_f1"} <= tags, sorted(tags)

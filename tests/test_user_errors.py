@@ -1,0 +1,155 @@
+"""What a user sees when the input is wrong: the real command, one message on stderr, exit code 1, no traceback.
+
+Each case runs `python -m trl_qaloss train ...` in a subprocess from a scratch directory, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CHAT_TEMPLATE, DEMO_RECIPE, ROOT, SHORT_RUN, error_lines, run_cli
+from trl_qaloss.errors import UsageError, user_errors
+
+DEMO_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "train.jsonl").read_text().splitlines()
+RECIPE = Path(DEMO_RECIPE).read_text()
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return path.name
+
+
+def conversational_rows(path: Path) -> str:
+    row = {"messages": [{"role": "user", "content": "Tell me about valdor."},
+                        {"role": "assistant", "content": "<QA> who rules valdor? <A> bozuman"}]}  # fmt: skip
+    return write(path, "\n".join(json.dumps(row) for _ in range(8)) + "\n")
+
+
+# (what the user gives, how to write it in the scratch directory, the message expected)
+CASES = {
+    "invalid value": (lambda d: ["--lambda_set", "-1"], r"`lambda_set` must be a finite non-negative number, got -1"),
+    "bad YAML": (
+        lambda d: ["--config", write(d / "bad.yaml", "lambda_set: [1\n")],
+        r"bad\.yaml is not valid YAML \(line 2, column 1\)",
+    ),
+    "unknown recipe key": (
+        lambda d: ["--config", write(d / "typo.yaml", RECIPE + "lamda_set: 0.5\n")],
+        r"Unknown field `lamda_set` in typo\.yaml\. Did you mean `lambda_set`\?",
+    ),
+    "unknown flag": (
+        lambda d: ["--lamda_set", "0.5"],
+        r"Unknown field `lamda_set` on the command line\. Did you mean `lambda_set`\?",
+    ),
+    "missing recipe": (lambda d: ["--config", "nope.yaml"], r"Recipe file not found: 'nope\.yaml'"),
+    "missing dataset": (lambda d: ["--dataset_name", "nope.jsonl"], r"Dataset file not found: 'nope\.jsonl'"),
+    "missing model": (lambda d: ["--model_name_or_path", "./nope"], r"Model directory not found: '\./nope'"),
+    "empty JSONL": (
+        lambda d: ["--dataset_name", write(d / "empty.jsonl", "")],
+        r"empty\.jsonl is empty: it has no rows",
+    ),
+    "broken JSONL": (
+        lambda d: ["--dataset_name", write(d / "broken.jsonl", DEMO_ROWS[0] + "\n{oops\n")],
+        r"broken\.jsonl, line 2: not valid JSON",
+    ),
+    "bad row": (
+        lambda d: [
+            "--dataset_name",
+            write(d / "row.jsonl", '{"context": "c", "qas": [{"question": "who?", "answers": "ann"}]}\n'),
+        ],  # fmt: skip
+        r"Row 0 of row\.jsonl \[train\]: field `qas\[0\]\.answers` must be a list of strings",
+    ),
+    "chat rows without a chat template": (
+        lambda d: ["--dataset_name", conversational_rows(d / "chat.jsonl"), "--eval_strategy", "no"],
+        r"`train_dataset` holds chat messages, but the tokenizer of .* has no chat template.*`chat_template_path`",
+    ),
+    "max_length cuts every answer": (
+        lambda d: ["--max_length", "8", "--eval_strategy", "no"],
+        r"No target answer of `train_dataset` is left after truncation to `max_length`\. `max_length=8` truncates "
+        r"400 of 400 rows",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def case_results(tmp_path_factory):
+    """Every case of `CASES` run at once (each in its own scratch directory): `{case: CompletedProcess}`."""
+
+    def run(case):
+        directory = tmp_path_factory.mktemp("case")
+        return run_cli("train", "--output_dir", "out", *SHORT_RUN, *CASES[case][0](directory), cwd=directory)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return dict(zip(CASES, pool.map(run, CASES), strict=True))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_message_without_traceback(case_results, case):
+    result, message = case_results[case], CASES[case][1]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and re.search(message, lines[0]), result.stderr[-3000:]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    for flag, env in ((["--debug"], {}), ([], {"TRL_QALOSS_DEBUG": "1"})):
+        result = run_cli("train", *flag, "--lamda_set", "1", cwd=tmp_path, env=env)
+        assert result.returncode == 1
+        assert "Traceback" in result.stderr and "UsageError: Unknown field `lamda_set`" in result.stderr
+
+
+def test_argument_types_are_argparse_errors_without_traceback(tmp_path):
+    result = run_cli("train", "--max_steps", "many", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "argument --max_steps/--max-steps: invalid int value: 'many'" in result.stderr
+
+
+def test_programming_errors_keep_their_type():
+    """Only input errors become `UsageError`; a TypeError is a bug and is raised as it is, with its traceback."""
+    with pytest.raises(UsageError, match="bad value") as raised, user_errors():
+        raise ValueError("bad value")
+    assert isinstance(raised.value.__cause__, ValueError)
+    with pytest.raises(TypeError), user_errors():
+        raise TypeError("a bug")
+
+
+def test_help_lists_the_plugin_fields_first_with_config(tmp_path):
+    result = run_cli("train", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    help_text = result.stdout
+    groups = re.findall(r"^(\S[^\n]*):$", help_text, flags=re.M)
+    assert groups[:2] == ["options", "trl-qaloss options (the set loss, its evaluation, and this command)"], groups
+    plugin = help_text.split(groups[1])[1].split(groups[2])[0]
+    own = ("--config RECIPE.yaml", "--debug", "--lambda_ce", "--lambda_set", "--qa_token", "--answer_token",
+           "--question_end", "--set_loss_reduction", "--eval_generate_samples", "--init_from_config")  # fmt: skip
+    for flag in own:
+        assert flag in plugin, flag
+    assert help_text.index("--lambda_set") < help_text.index("--output_dir") < help_text.index("--lora_r")
+    assert "the seed's" not in help_text and "LAMBDA1" not in help_text and "LAMBDA2" not in help_text
+
+
+@pytest.mark.parametrize("recipe", sorted(Path(ROOT, "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_recipes_use_current_field_names(recipe):
+    """No deprecation warning a user cannot act on: every recipe field has its current name."""
+    from trl_qaloss.cli import parse_args
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        parse_args(["--config", str(recipe), "--use_cpu", "true"])
+
+
+def test_conversational_rows_train_with_a_chat_template_path(tmp_path):
+    """The fix the chat-template message names works: `chat_template_path` to a .jinja file."""
+    template = write(tmp_path / "chat.jinja", CHAT_TEMPLATE)
+    rows = conversational_rows(tmp_path / "chat.jsonl")
+    result = run_cli("train", "--dataset_name", rows, "--chat_template_path", template, "--eval_strategy", "no",
+                     "--output_dir", "out", *SHORT_RUN, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,275 @@
+"""Use a trained adapter: `trl-qaloss generate` (complete prompts) and `trl-qaloss evaluate` (answer-set metrics).
+
+    trl-qaloss generate --adapter outputs/demo-cpu --prompt "Tell me about valdor."
+    trl-qaloss generate --adapter outputs/demo-cpu --prompts prompts.jsonl --output completions.jsonl
+    trl-qaloss evaluate --adapter outputs/demo-cpu --dataset_name trl_qaloss/demo/data
+
+`trl-qaloss train` writes `trl_qaloss_base.json` next to the adapter: the base model, its 4-bit or 8-bit quantization,
+its dtype and the separators. The base is loaded as it was trained (quantized when it was), the adapter on top of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+from .data import read_jsonl
+from .demo import portable_demo_path, resolve_demo_path
+
+BASE_INFO_FILE = "trl_qaloss_base.json"
+SEPARATOR_FIELDS = ("qa_token", "answer_token", "question_end")
+
+
+def write_base_model_info(output_dir: str, model_args, training_args) -> None:
+    """Record in `output_dir` how the trained model's base was loaded, for `load_for_inference`."""
+    from trl import get_quantization_config
+
+    quantization = get_quantization_config(model_args)
+    info = {
+        "base_model_name_or_path": portable_demo_path(model_args.model_name_or_path),
+        "quantization_config": None if quantization is None else json.loads(quantization.to_json_string()),
+        "dtype": model_args.dtype,
+        **{name: getattr(training_args, name) for name in SEPARATOR_FIELDS},
+    }
+    with open(os.path.join(output_dir, BASE_INFO_FILE), "w") as file:
+        json.dump(info, file, indent=2)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate: the model in eval mode, its tokenizer, and the separators it was trained with."""
+
+    model: object
+    tokenizer: object
+    qa_token: str = "<QA>"
+    answer_token: str = "<A>"
+    question_end: str = "?"
+
+    @property
+    def separators(self) -> tuple[str, str, str]:
+        return self.qa_token, self.answer_token, self.question_end
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as file:
+        return json.load(file)
+
+
+def load_for_inference(adapter: str | None = None, model_name_or_path: str | None = None) -> LoadedModel:
+    """Load a trained LoRA adapter on its base model (quantized as in training), or a full model.
+
+    The base is the one `trl-qaloss train` recorded in `trl_qaloss_base.json`, else the adapter config's
+    `base_model_name_or_path`; `model_name_or_path` with `adapter` replaces it. The tokenizer saved with the adapter
+    is used when there is one (it holds any separator tokens training added), and the embeddings are resized to it.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from .cli import check_model_path
+
+    if adapter is None and model_name_or_path is None:
+        raise ValueError("Give `--adapter DIR` (a trained LoRA adapter) or `--model_name_or_path` (a full model).")
+    info = {}
+    if adapter is not None:
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise FileNotFoundError(
+                f"{adapter!r} is not a LoRA adapter directory (no adapter_config.json). Give the `output_dir` of a "
+                "`trl-qaloss train` run with `use_peft: true`, or a full model with `--model_name_or_path`."
+            )
+        info_path = os.path.join(adapter, BASE_INFO_FILE)
+        info = _read_json(info_path) if os.path.isfile(info_path) else {}
+        base = model_name_or_path or info.get("base_model_name_or_path")
+        base = base or _read_json(os.path.join(adapter, "adapter_config.json")).get("base_model_name_or_path")
+    else:
+        base = model_name_or_path
+    base = resolve_demo_path(base)
+    check_model_path(base)
+    cuda = torch.cuda.is_available()
+    kwargs = {"dtype": info.get("dtype") or "auto"}
+    if info.get("quantization_config"):
+        kwargs["quantization_config"] = BitsAndBytesConfig.from_dict(info["quantization_config"])
+        if cuda:
+            kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    has_tokenizer = adapter is not None and os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else base)
+    if len(tokenizer) > model.get_input_embeddings().weight.size(0):
+        model.resize_token_embeddings(len(tokenizer))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    if cuda and "device_map" not in kwargs:
+        model = model.to("cuda")
+    separators = {name: info[name] for name in SEPARATOR_FIELDS if name in info}
+    return LoadedModel(model.eval(), tokenizer, **separators)
+
+
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """Token ids of a prompt as training saw it: text tokenized as is, chat messages through the chat template with
+    the generation prompt appended."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            "The prompts are chat messages but the tokenizer has no chat template; use a model whose tokenizer has one."
+        )
+    encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
+
+
+def complete(loaded: LoadedModel, prompts: list, max_new_tokens: int = 256, batch_size: int = 8,
+             progress: bool = True) -> list[str]:  # fmt: skip
+    """Greedy completions of `prompts` (texts or chat message lists), decoded with the separators kept."""
+    import torch
+
+    from .callbacks import greedy_completions, hidden_token_ids
+
+    tokenizer = loaded.tokenizer
+    ids = [prompt_ids(tokenizer, prompt) for prompt in prompts]
+    with torch.no_grad():
+        completions = greedy_completions(loaded.model, tokenizer, ids, max_new_tokens, batch_size, progress)
+    hidden = hidden_token_ids(tokenizer, loaded.separators[:2])
+    return [tokenizer.decode([t for t in c if t not in hidden], skip_special_tokens=False).strip() for c in completions]
+
+
+def parsed_items(text: str, separators: tuple[str, str, str]) -> list[dict]:
+    """The `[{"question", "answers"}]` items of a completion."""
+    from .parsing import parse_qa_text
+
+    return [asdict(item) for item in parse_qa_text(text, *separators)]
+
+
+def read_prompts(path: str) -> list:
+    """Prompts from a JSONL file: each line a JSON string, or an object with `prompt`, `context` or `messages`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Prompts file not found: {path!r} (from `--prompts`).")
+    prompts = []
+    for number, row in read_jsonl(path):
+        if isinstance(row, dict):
+            row = next((row[key] for key in ("prompt", "context", "messages") if row.get(key) is not None), None)
+        if not isinstance(row, (str, list)):
+            raise ValueError(f"{path}, line {number}: a prompt is a JSON string or an object with a `prompt` (or "
+                             "`context`, `messages`) field.")  # fmt: skip
+        prompts.append(row)
+    if not prompts:
+        raise ValueError(f"{path} is empty: it has no prompts.")
+    return prompts
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--adapter", help="directory of a trained LoRA adapter (the `output_dir` of `trl-qaloss train`)")
+    which.add_argument("--model_name_or_path", help="a full model (hub id or directory) instead of an adapter")
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="most tokens generated per prompt")
+    parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call")
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    for name in ("max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return args
+
+
+def run_generate(argv: list[str]) -> None:
+    """`trl-qaloss generate`: one JSON line per prompt, `{"prompt", "completion", "qas"}`, to `--output` or stdout."""
+    from .errors import user_errors
+
+    parser = argparse.ArgumentParser(
+        prog="trl-qaloss generate",
+        description="Complete prompts greedily with a trained adapter (or model) and write one JSON line per prompt: "
+        "prompt, completion and the parsed qas (question, answers).",
+    )
+    add_model_arguments(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", metavar="FILE.jsonl", help="one prompt per line: a JSON string or an object "
+                        "with a `prompt` (or `context`, or `messages`) field")  # fmt: skip
+    source.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
+    parser.add_argument("--output", metavar="FILE.jsonl", help="where to write the lines (default: stdout)")
+    args = _parse(parser, argv)
+    with user_errors():
+        prompts = read_prompts(args.prompts) if args.prompts else args.prompt
+        loaded = load_for_inference(args.adapter, args.model_name_or_path)
+        completions = complete(loaded, prompts, args.max_new_tokens, args.batch_size)
+        lines = [
+            json.dumps({"prompt": p, "completion": c, "qas": parsed_items(c, loaded.separators)}, ensure_ascii=False)
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as file:
+                file.write("\n".join(lines) + "\n")
+            print(f"Wrote {len(lines)} completions to {os.path.abspath(args.output)}", file=sys.stderr)
+        else:
+            print("\n".join(lines))
+
+
+def prompt_and_reference(row: dict, index: int, source: str) -> tuple:
+    """`(prompt, reference completion text)` of a dataset row in prompt/completion or conversational format."""
+    if "prompt" in row and "completion" in row:
+        completion = row["completion"]
+        if isinstance(completion, list):  # conversational prompt/completion: the assistant turn
+            completion = "".join(m["content"] for m in completion if m.get("role") == "assistant")
+        return row["prompt"], completion
+    if "messages" in row:
+        messages = row["messages"]
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        if last is not None and last > 0:
+            return messages[:last], messages[last]["content"]
+    raise ValueError(
+        f"Row {index} of {source}: evaluation needs a prompt and its reference answer: structured "
+        "{'context', 'qas'} rows, {'prompt', 'completion'} rows, or {'messages'} ending with an assistant turn."
+    )
+
+
+def format_table(scores: dict[str, float]) -> str:
+    width = max(len(key) for key in scores)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 8}"]
+    lines += [f"{key:<{width}}  {value:8.4f}" for key, value in scores.items()]
+    return "\n".join(lines)
+
+
+def run_evaluate(argv: list[str]) -> None:
+    """`trl-qaloss evaluate`: answer-set metrics of greedy completions on a dataset, printed and written as JSON."""
+    from .data import load_qa_dataset
+    from .errors import user_errors
+    from .metrics import answer_set_scores
+
+    parser = argparse.ArgumentParser(
+        prog="trl-qaloss evaluate",
+        description="Answer-set metrics (set-F1, precision, recall, soft-F1, cardinality error, ...) of a trained "
+        "adapter's greedy completions against a dataset's reference answers.",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--dataset_name", required=True, help="a .jsonl file, a directory of them, or a hub dataset")
+    parser.add_argument("--dataset_split", help="split to evaluate (default: 'test' if the dataset has it, else "
+                        "'train')")  # fmt: skip
+    parser.add_argument("--eval_generate_samples", type=int, help="evaluate only the first N rows (default: all)")
+    parser.add_argument("--output", metavar="FILE.json", help="where to write the metrics (default: "
+                        "eval_results.json in the adapter directory, or the current one)")  # fmt: skip
+    args = _parse(parser, argv)
+    if args.eval_generate_samples is not None and args.eval_generate_samples < 1:
+        parser.error(f"--eval_generate_samples must be at least 1, got {args.eval_generate_samples}")
+    with user_errors():
+        loaded = load_for_inference(args.adapter, args.model_name_or_path)
+        separators = dict(zip(SEPARATOR_FIELDS, loaded.separators, strict=True))
+        dataset = load_qa_dataset(resolve_demo_path(args.dataset_name), **separators)
+        split = args.dataset_split or ("test" if "test" in dataset else "train")
+        if split not in dataset:
+            raise ValueError(f"The dataset has no split {split!r} (it has {sorted(dataset)}); set `--dataset_split`.")
+        rows = dataset[split]
+        if args.eval_generate_samples is not None:
+            rows = rows.select(range(min(args.eval_generate_samples, len(rows))))
+        pairs = [prompt_and_reference(row, i, f"{args.dataset_name} [{split}]") for i, row in enumerate(rows)]
+        completions = complete(loaded, [p for p, _ in pairs], args.max_new_tokens, args.batch_size)
+        scores = answer_set_scores(completions, [r for _, r in pairs], *loaded.separators)
+        output = args.output or os.path.join(args.adapter or ".", "eval_results.json")
+        result = {"dataset_name": args.dataset_name, "split": split, "num_rows": len(pairs), "metrics": scores}
+        with open(output, "w") as file:
+            json.dump(result, file, indent=2)
+    print(format_table(scores))
+    print(f"Metrics of {len(pairs)} rows of {args.dataset_name} [{split}] written to {os.path.abspath(output)}")
