@@ -67,11 +67,11 @@ def test_real_model_recipes_use_the_qlora_settings():
         _, training_args, model_args, _ = parse_args(["--config", str(recipe), "--use_cpu", "true"])
         assert model_args.dtype == "bfloat16" and training_args.bf16 and training_args.gradient_checkpointing
         assert training_args.lr_scheduler_type == "cosine" and training_args.max_length
-        assert "GPU memory" in text and ("ESTIMATED" in text or "measured" in text)
-        if "sharded" in recipe.name:
-            assert model_args.bnb_4bit_quant_storage == "bfloat16"
+        assert "GPU memory" in text
+        if "sharded" in recipe.name:  # no multi-GPU machine measured it yet
+            assert model_args.bnb_4bit_quant_storage == "bfloat16" and "ESTIMATED" in text
         else:
-            assert training_args.optim == "paged_adamw_8bit"
+            assert training_args.optim == "paged_adamw_8bit" and "MEASURED" in text
 
 
 @pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: p.name)
