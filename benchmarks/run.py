@@ -5,7 +5,7 @@
     python benchmarks/run.py --check-gpu-path  # the --gpu code path at tiny sizes on the CPU (a smoke run)
 
 1. Loss alone, on the same logits and labels: `set_matching_loss` (vectorized), `set_matching_loss_reference` (the
-   seed's naive loop) and one `F.cross_entropy` over the same logits (Hugging Face's causal-LM loss: every row of
+   plain per-row loops) and one `F.cross_entropy` over the same logits (Hugging Face's causal-LM loss: every row of
    `logits.view(-1, V)`, labels shifted by padding, so no copy of the logits before it), forward and forward +
    backward. Rows hold realistic completions (a masked prompt, then items of 2-6 answers); the logits' argmax spells
    the target with its answers shuffled inside each item and 10% of tokens replaced, so most pairs are matched and
@@ -420,7 +420,7 @@ def step_table(rows: list[dict]) -> list[str]:
 
 
 def targets(loss_rows: list[dict], step_rows: list[dict], fixed: tuple[int, int, int]) -> list[str]:
-    """Each target of the issue next to the figure measured in this run."""
+    """Each speed and memory target next to the figure measured in this run."""
     lines = ["| target | measured | met |", "|---|---|---|"]
 
     def find(size, mode):
