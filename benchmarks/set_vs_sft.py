@@ -76,18 +76,40 @@ def run(method: str, seed: int, args: argparse.Namespace, out_dir: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR)
     demo = load_qa_dataset(str(DATA_DIR))  # splits "train" and "test" (eval.jsonl)
     config = QALossConfig(
-        output_dir=out_dir, seed=seed, data_seed=seed, lambda_ce=1.0, lambda_set=METHODS[method],
-        max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=args.max_steps // 20, weight_decay=0.0, max_length=128,
-        eval_strategy="steps", eval_steps=args.max_steps // args.evals, per_device_eval_batch_size=40,
-        eval_generate_samples=80, eval_generate_batch_size=40, eval_max_new_tokens=80,
-        logging_steps=max(args.max_steps // 24, 1), save_strategy="no", report_to=[], use_cpu=True, bf16=False,
-        activation_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=out_dir,
+        seed=seed,
+        data_seed=seed,
+        lambda_ce=1.0,
+        lambda_set=METHODS[method],
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=args.max_steps // 20,
+        weight_decay=0.0,
+        max_length=128,
+        eval_strategy="steps",
+        eval_steps=args.max_steps // args.evals,
+        per_device_eval_batch_size=40,
+        eval_generate_samples=80,
+        eval_generate_batch_size=40,
+        eval_max_new_tokens=80,
+        logging_steps=max(args.max_steps // 24, 1),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     trainer = QALossSFTTrainer(
-        model=model, args=config, train_dataset=demo["train"], eval_dataset=demo["test"],
+        model=model,
+        args=config,
+        train_dataset=demo["train"],
+        eval_dataset=demo["test"],
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     losses = HeldOutLosses(trainer, QASeparators.from_tokenizer(tokenizer))
     trainer.add_callback(losses)
     start = time.perf_counter()
@@ -107,8 +129,11 @@ def run(method: str, seed: int, args: argparse.Namespace, out_dir: str) -> dict:
         "train_ce": [e.get("ce_loss", e["loss"]) for e in history if "loss" in e and "train_runtime" not in e],
     }
     final = {**evals[-1], **losses.history[-1]}
-    print(f"{method:>15} seed {seed}: set-F1 {final['eval_set_f1']:.3f}  held-out CE {final['heldout_ce']:.4f}  "
-          f"set loss {final['heldout_set_loss']:.4f}  ({seconds:.0f} s)", flush=True)  # fmt: skip
+    print(
+        f"{method:>15} seed {seed}: set-F1 {final['eval_set_f1']:.3f}  held-out CE {final['heldout_ce']:.4f}  "
+        f"set loss {final['heldout_set_loss']:.4f}  ({seconds:.0f} s)",
+        flush=True,
+    )
     return {"final": final, "curves": curves, "seconds": seconds}
 
 
@@ -135,16 +160,24 @@ def write_table(results: dict, args: argparse.Namespace, wall: float, path: Path
         diffs = [b - a for a, b in zip(*per_method, strict=True)]
         cells = [mean_std(v, fmt) for v in per_method] + [mean_std(diffs, fmt, signed=True)]
         lines.append(f"| {label.format(**counts)} | {' | '.join(cells)} |")
-    lines += ["", "Per seed (set-F1 / held-out cross-entropy):", "", f"| seed | {' | '.join(names)} |",
-              "|---|" + "---:|" * len(names)]  # fmt: skip
+    lines += [
+        "",
+        "Per seed (set-F1 / held-out cross-entropy):",
+        "",
+        f"| seed | {' | '.join(names)} |",
+        "|---|" + "---:|" * len(names),
+    ]
     for s in seeds:
         cells = [
             f"{results[m][s]['final']['eval_set_f1']:.3f} / {results[m][s]['final']['heldout_ce']:.4f}" for m in names
         ]
         lines.append(f"| {s} | {' | '.join(cells)} |")
     run_times = [r["seconds"] for m in names for r in results[m].values()]
-    lines += ["", f"Wall time: {wall / 60:.1f} min for {len(run_times)} runs "
-              f"({statistics.mean(run_times):.0f} s per run on average, training and evaluations)."]  # fmt: skip
+    lines += [
+        "",
+        f"Wall time: {wall / 60:.1f} min for {len(run_times)} runs "
+        f"({statistics.mean(run_times):.0f} s per run on average, training and evaluations).",
+    ]
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -147,8 +147,14 @@ def run_cli(*args: str, cwd, env: dict | None = None, timeout: int = 300):
 
     full_env = {k: v for k, v in os.environ.items() if k != "TRL_QALOSS_DEBUG"}
     full_env.update({"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {})})
-    return subprocess.run([sys.executable, "-m", "trl_qaloss", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "trl_qaloss", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -175,15 +175,18 @@ def bpe_tokenizer_with_merged_question_ends():
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.decoder = decoders.ByteLevel()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(pattern=" ", behavior="merged_with_next"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])  # fmt: skip
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(pattern=" ", behavior="merged_with_next"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     texts = ['<QA> who wrote it?" <A> ann <A> bob', "<QA> who ? <A> ann", "<QA> where?\n<A> rome <A> paris"] * 50
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<eos>", "<QA>", "<A>"],
+        vocab_size=300,
+        special_tokens=["<unk>", "<eos>", "<QA>", "<A>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
+    )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", additional_special_tokens=["<QA>", "<A>"]

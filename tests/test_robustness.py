@@ -308,8 +308,9 @@ def test_garbage_predictions_train_without_crashing(tmp_path, precision):
     """A randomly initialised model predicts no well-formed item: every target answer is missing, training goes on."""
     tokenizer = build_tokenizer()
     args = qa_config(tmp_path, max_steps=3, learning_rate=5e-2, **precision)
-    trainer = QALossSFTTrainer(model=tiny_llama(len(tokenizer), seed=3), args=args, train_dataset=qa_dataset(12),
-                               processing_class=tokenizer)  # fmt: skip
+    trainer = QALossSFTTrainer(
+        model=tiny_llama(len(tokenizer), seed=3), args=args, train_dataset=qa_dataset(12), processing_class=tokenizer
+    )
     trainer.train()
     logs = [e for e in trainer.state.log_history if "set_loss" in e]
     assert len(logs) == 3

@@ -111,9 +111,12 @@ def test_lora_trains(model, tokenizer, tmp_path):
 
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = QALossSFTTrainer(
-        model=model, args=qa_config(tmp_path, max_steps=3), train_dataset=qa_dataset(), processing_class=tokenizer,
+        model=model,
+        args=qa_config(tmp_path, max_steps=3),
+        train_dataset=qa_dataset(),
+        processing_class=tokenizer,
         peft_config=peft_config,
-    )  # fmt: skip
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     assert before and all(n.count("lora_") for n in before)
@@ -129,16 +132,21 @@ def test_qlora_4bit_trains(model, tokenizer, tmp_path):
 
     model.save_pretrained(tmp_path / "base")
     quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
-    )  # fmt: skip
+    )
     model4 = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map="cpu")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model4.modules())
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = QALossSFTTrainer(
-        model=model4, args=qa_config(tmp_path / "out", max_steps=3), train_dataset=qa_dataset(),
-        processing_class=tokenizer, peft_config=peft_config,
-    )  # fmt: skip
+        model=model4,
+        args=qa_config(tmp_path / "out", max_steps=3),
+        train_dataset=qa_dataset(),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     trainer.train()
     logs = [e for e in trainer.state.log_history if "set_loss" in e]
     assert len(logs) == 3 and all(torch.isfinite(torch.tensor([e["loss"], e["set_loss"]])).all() for e in logs)
@@ -234,5 +242,9 @@ def test_config_both_weights_zero(tmp_path):
 
 def test_unsupported_combinations(model, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="loss_type"):
-        QALossSFTTrainer(model=model, args=qa_config(tmp_path, loss_type="dft"), train_dataset=qa_dataset(),
-                         processing_class=tokenizer)  # fmt: skip
+        QALossSFTTrainer(
+            model=model,
+            args=qa_config(tmp_path, loss_type="dft"),
+            train_dataset=qa_dataset(),
+            processing_class=tokenizer,
+        )

@@ -220,8 +220,11 @@ def set_loss_terms(
         entries = (costs.read_row, costs.read_pos, costs.read_token)
         num_sft = rows_b.numel() if with_sft else 0
         if with_sft:
-            entries = (torch.cat([rows_b, entries[0]]), torch.cat([rows_p, entries[1]]),
-                       torch.cat([target_ids[rows_b, rows_p], entries[2]]))  # fmt: skip
+            entries = (
+                torch.cat([rows_b, entries[0]]),
+                torch.cat([rows_p, entries[1]]),
+                torch.cat([target_ids[rows_b, rows_p], entries[2]]),
+            )
         log_probs = _read_log_probs(logits, rows_b, rows_p, position_stats, entries)
         set_sum = costs.total(log_probs[num_sft:], vocab_size)
 

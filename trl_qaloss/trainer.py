@@ -90,8 +90,18 @@ class QALossSFTTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "trl-qaloss"]
 
-    def __init__(self, model, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, *positional, peft_config=None, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        args=None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *positional,
+        peft_config=None,
+        **kwargs,
+    ):
         args = _as_qaloss_config(args, model)
         if isinstance(model, str):
             # Loaded here rather than by SFTTrainer so the separators can be added to its embeddings first.
@@ -124,8 +134,17 @@ class QALossSFTTrainer(SFTTrainer):
             self._check_datasets(args, train_dataset, eval_dataset, kwargs.get("formatting_func") is not None)
             self._add_separator_tokens(model, tokenizer, args, peft_config)
 
-        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *positional,
-                         peft_config=peft_config, **kwargs)  # fmt: skip
+        super().__init__(
+            model,
+            args,
+            data_collator,
+            train_dataset,
+            eval_dataset,
+            processing_class,
+            *positional,
+            peft_config=peft_config,
+            **kwargs,
+        )
         self.separators = None
         if reads_items:
             self.separators = QASeparators.from_tokenizer(
@@ -148,8 +167,10 @@ class QALossSFTTrainer(SFTTrainer):
         self._set_count_in_batch = None
         if args.eval_generate_samples > 0 and self.eval_dataset is None and args.eval_strategy == "no":
             # A recipe that turns evaluation off (`--eval_strategy no`) also turns off its generation metrics.
-            logger.warning("`eval_generate_samples` is set, but there is no eval dataset and `eval_strategy` is 'no': "
-                           "the answer-set evaluation is off.")  # fmt: skip
+            logger.warning(
+                "`eval_generate_samples` is set, but there is no eval dataset and `eval_strategy` is 'no': "
+                "the answer-set evaluation is off."
+            )
         elif args.eval_generate_samples > 0:
             self.add_callback(QASetEvalCallback(self))
 
@@ -429,9 +450,17 @@ class QALossSFTTrainer(SFTTrainer):
         nll, entropy, correct = gather(per_token[None]).sum(0) / num_valid.clamp(min=1)
         reduction = self.args.set_loss_reduction
         set_values = torch.tensor(
-            [terms.set_sum.item(), reduction_count(reduction, stats), stats["matched"], stats["missing"],
-             stats["extra"], stats["target_answers"], stats["mean_iou"] * stats["matched"]], device=device
-        )  # fmt: skip
+            [
+                terms.set_sum.item(),
+                reduction_count(reduction, stats),
+                stats["matched"],
+                stats["missing"],
+                stats["extra"],
+                stats["target_answers"],
+                stats["mean_iou"] * stats["matched"],
+            ],
+            device=device,
+        )
         set_sum, set_count, matched, missing, extra, target_answers, iou_sum = gather(set_values[None]).sum(0)
         metrics = self._metrics[mode]
         metrics["entropy"].append(entropy.item())
@@ -441,8 +470,12 @@ class QALossSFTTrainer(SFTTrainer):
         set_loss = reduce_set_loss(set_sum, set_count, reduction, num_batches=self.accelerator.num_processes)
         metrics["set_loss"].append(set_loss.item())
         metrics["set/mean_iou"].append((iou_sum / matched.clamp(min=1)).item())
-        for name, value in (("matched", matched), ("missing", missing), ("extra", extra),
-                            ("target_answers", target_answers)):  # fmt: skip
+        for name, value in (
+            ("matched", matched),
+            ("missing", missing),
+            ("extra", extra),
+            ("target_answers", target_answers),
+        ):
             metrics[f"set/{name}"].append(value.item())
         if mode == "train":
             if "attention_mask" in inputs:
