@@ -42,7 +42,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # trl_qaloss and the tests' offline fixtures, without installing
 
-from tests.conftest import build_tokenizer, config_values, qa_text, tiny_llama  # noqa: E402
+from tests.testing_utils import build_tokenizer, config_values, qa_text, tiny_llama  # noqa: E402
 from trl_qaloss import QASeparators, set_matching_loss  # noqa: E402
 from trl_qaloss.logprobs import rows_view, vocab_stats  # noqa: E402
 from trl_qaloss.reference import set_matching_loss_reference  # noqa: E402

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from tests.conftest import build_tokenizer, qa_config, qa_dataset, tiny_llama
+from tests.testing_utils import build_tokenizer, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer
 
 GLOBAL_BATCH = 8

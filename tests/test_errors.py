@@ -7,7 +7,7 @@ import math
 import pytest
 from datasets import Dataset
 
-from tests.conftest import build_tokenizer, qa_config, qa_dataset, tiny_llama
+from tests.testing_utils import build_tokenizer, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer
 
 
@@ -118,7 +118,7 @@ def test_items_without_question_end(make_trainer):
 
 def test_items_only_in_user_turns(make_trainer):
     """With `assistant_only_loss`, items in the user's turns are not targets."""
-    from tests.conftest import CHAT_TEMPLATE
+    from tests.testing_utils import CHAT_TEMPLATE
 
     tokenizer = build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE

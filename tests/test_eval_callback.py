@@ -9,7 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from tests.conftest import CHAT_TEMPLATE, qa_config, qa_dataset, tiny_llama
+from tests.testing_utils import CHAT_TEMPLATE, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer, QASetEvalCallback, answer_set_scores
 
 KEYS = ("set_f1", "set_precision", "set_recall", "soft_f1", "cardinality_error", "parse_failures")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import DEMO_RECIPE, SHORT_RUN, error_lines, run_cli
+from tests.testing_utils import DEMO_RECIPE, SHORT_RUN, error_lines, run_cli
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from tests.conftest import DEMO_RECIPE, ROOT, SHORT_RUN, build_tokenizer, qa_config, run_cli, tiny_llama
+from tests.testing_utils import DEMO_RECIPE, ROOT, SHORT_RUN, build_tokenizer, qa_config, run_cli, tiny_llama
 from trl_qaloss import QALossSFTTrainer
 
 DEMO_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "train.jsonl").read_text().splitlines()

@@ -9,8 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from tests.conftest import CHAT_TEMPLATE, qa_config, qa_dataset, tiny_llama
-from tests.test_loss import STAT_KEYS, encode_pair, random_batch
+from tests.testing_utils import CHAT_TEMPLATE, STAT_KEYS, encode_pair, qa_config, qa_dataset, random_batch, tiny_llama
 from trl_qaloss import QALossSFTTrainer, set_matching_loss
 from trl_qaloss.reference import set_matching_loss_reference
 

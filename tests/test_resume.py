@@ -10,7 +10,7 @@ import pytest
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from tests.conftest import build_tokenizer, qa_config, qa_dataset, tiny_llama
+from tests.testing_utils import build_tokenizer, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer
 from trl_qaloss.checkpoints import is_complete_checkpoint
 

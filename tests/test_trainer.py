@@ -8,7 +8,7 @@ import pytest
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from tests.conftest import CHAT_TEMPLATE, build_tokenizer, config_values, qa_config, qa_dataset, tiny_llama
+from tests.testing_utils import CHAT_TEMPLATE, build_tokenizer, config_values, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHAT_TEMPLATE, DEMO_RECIPE, ROOT, SHORT_RUN, error_lines, run_cli
+from tests.testing_utils import CHAT_TEMPLATE, DEMO_RECIPE, ROOT, SHORT_RUN, error_lines, run_cli
 from trl_qaloss.errors import UsageError, user_errors
 
 DEMO_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "train.jsonl").read_text().splitlines()
