@@ -1,140 +1,216 @@
-"""Does the set loss help? Plain SFT against SFT + set loss on the demo data: same model, seeds, data and budget.
+"""Which training target gives the best answer sets? Plain SFT against the set loss and the answer orders, on the demo.
 
-    python benchmarks/set_vs_sft.py [--seeds 0 1 2] [--max_steps 480] [--out benchmarks/set_vs_sft]
+    python benchmarks/set_vs_sft.py            # the full run: 6 methods x 2 tasks x 3 seeds x 2 budgets
+    python benchmarks/set_vs_sft.py --quick    # a few minutes: every method and task, 1 seed, a few steps
 
-For each seed, the demo's tiny pretrained Llama (`trl_qaloss/demo/model`) is fully fine-tuned twice on the demo's
-train split (400 rows, every answer list in random order), with the same seed, data order, optimizer and steps:
-`lambda_set=0` (exactly `SFTTrainer`) and `lambda_set=1` (`lambda_ce=1` in both). At evaluations spread over training
-both are measured the same way on the held-out split (`data/eval.jsonl`, 80 rows):
+Methods (the same model, data, seeds, optimizer, hyperparameters and steps for all):
 
-- answer-set metrics of greedy completions of all 80 prompts (`QASetEvalCallback`, `answer_set_scores`);
-- the SFT cross-entropy (mean over completion tokens) and the set loss (mean over target answer tokens) of the
-  teacher-forced completions, computed here by the same code for both runs.
+| method | `answer_order` | `lambda_set` |
+|---|---|---:|
+| plain SFT | `data` | 0 |
+| set loss | `data` | 1 |
+| canonical | `canonical` | 0 |
+| preferred | `preferred` | 0 |
+| aligned | `aligned` | 0 |
+| aligned + set loss | `aligned` | 1 |
 
-Writes `<out>.md` (tables: mean and standard deviation over seeds, per-seed values, the paired difference) and
-`<out>.png` (held-out set-F1, cross-entropy and set loss, and the training cross-entropy, over steps).
+(`lambda_ce=1` for all; `lambda_set=0` trains with `SFTTrainer`'s own loss, on targets reordered by `answer_order`.)
+
+Tasks: the demo's two tasks (`trl_qaloss/demo/data`, 1-4 one-name answers per question, and
+`trl_qaloss/demo/data_hard`, 5-8 multi-token answers sharing first tokens), each 400 training and 80 held-out rows
+whose prompts name the questions to answer, in order; every answer list is in random order. Budgets: `full` steps,
+and `low` (a quarter of the steps, its own cosine schedule) where learning speed shows.
+
+The hyperparameters were chosen once, for plain SFT, and are used unchanged for every method (`--max_steps` etc.
+change them for all). Each run fully fine-tunes the demo's tiny pretrained Llama (`trl_qaloss/demo/model`) and, at
+evaluations spread over training, measures on the held-out rows, with the same code for every method:
+
+- answer-set metrics of greedy completions of all 80 prompts (`QASetEvalCallback`, `answer_set_scores`, questions
+  paired by position): exact-set match, set-F1, duplicate rate, cardinality error;
+- the held-out SFT cross-entropy (mean over completion tokens) of the completions in their data order, tokenized
+  here, whatever order the method trains on;
+- the mean time of a training step (forward, loss, backward, optimizer; evaluations excluded), as a ratio to plain
+  SFT's step in the same task, budget and seed.
+
+Runs go to `--workers` processes of one torch thread each. Writes `<out>.md` (a table per task and budget: mean ±
+standard deviation over seeds and the paired difference to plain SFT), `<out>.png` (metrics over steps of the full
+budget, per method: mean line and min-max band over seeds) and `<out>.json` (every run's numbers).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 
-from trl_qaloss import QALossConfig, QALossSFTTrainer, QASeparators, set_matching_loss
+from trl_qaloss import QALossConfig, QALossSFTTrainer
 from trl_qaloss.data import load_qa_dataset
-from trl_qaloss.demo import DATA_DIR, MODEL_DIR
+from trl_qaloss.demo import DATA_DIR, HARD_DATA_DIR, MODEL_DIR
 
-METHODS = {"plain SFT": 0.0, "SFT + set loss": 1.0}
-METRICS = [  # (key in the final evaluation, label, format)
-    ("eval_set_f1", "set-F1", "{:.3f}"),
-    ("eval_set_precision", "set precision", "{:.3f}"),
-    ("eval_set_recall", "set recall", "{:.3f}"),
-    ("eval_matched_question_set_f1", "set-F1 on questions asked right", "{:.3f}"),
-    ("eval_soft_f1", "soft-F1", "{:.3f}"),
-    ("eval_cardinality_error", "cardinality error", "{:.3f}"),
-    ("eval_questions_matched", "questions matched (of {expected:.0f})", "{:.1f}"),
-    ("eval_parse_failures", "parse failures (of {examples:.0f})", "{:.1f}"),
-    ("heldout_ce", "held-out SFT cross-entropy", "{:.4f}"),
-    ("heldout_set_loss", "held-out set loss", "{:.4f}"),
+METHODS = {  # name: (answer_order, lambda_set)
+    "plain SFT": ("data", 0.0),
+    "set loss": ("data", 1.0),
+    "canonical": ("canonical", 0.0),
+    "preferred": ("preferred", 0.0),
+    "aligned": ("aligned", 0.0),
+    "aligned + set loss": ("aligned", 1.0),
+}
+BASELINE = "plain SFT"
+
+
+@dataclass(frozen=True)
+class Task:
+    data_dir: Path
+    max_length: int  # longer than every row: nothing is truncated
+    max_new_tokens: int  # room for the longest reference completion
+
+
+TASKS = {"countries": Task(DATA_DIR, 128, 96), "hard": Task(HARD_DATA_DIR, 192, 176)}
+BUDGETS = {"full": 1.0, "low": 0.25}
+METRICS = [  # (key in a run's final numbers, label, format, plotted)
+    ("eval_exact_set_match", "exact-set match", "{:.3f}", True),
+    ("eval_set_f1", "set-F1", "{:.3f}", True),
+    ("eval_duplicate_rate", "duplicate rate", "{:.3f}", True),
+    ("eval_cardinality_error", "cardinality error", "{:.3f}", False),
+    ("heldout_ce", "held-out CE", "{:.4f}", True),
+    ("step_time_ratio", "step time / plain SFT", "{:.2f}", False),
 ]
 
 
-class HeldOutLosses(TrainerCallback):
-    """At each evaluation: token-mean cross-entropy and set loss of the eval split, the same code for every run."""
+@dataclass(frozen=True)
+class Job:
+    task: str
+    budget: str
+    seed: int
+    method: str
+    max_steps: int
+    evals: int
 
-    def __init__(self, trainer, separators: QASeparators):
-        self.trainer, self.separators, self.history = trainer, separators, []
+
+def heldout_batches(tokenizer, rows, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """The held-out rows as padded `input_ids`, `attention_mask`, `labels` (completion tokens and EOS labelled).
+
+    Built here from the rows in their data order, so every method is measured on the same targets.
+    """
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        ids, labels = [], []
+        for row in rows.select(range(start, min(start + batch_size, len(rows)))):
+            prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+            completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids.append(torch.tensor(prompt + completion))
+            labels.append(torch.tensor([-100] * len(prompt) + completion))
+        input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id)
+        batches.append({
+            "input_ids": input_ids,
+            "attention_mask": torch.nn.utils.rnn.pad_sequence([torch.ones_like(i) for i in ids], batch_first=True),
+            "labels": torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100),
+        })  # fmt: skip
+    return batches
+
+
+class HeldOutCrossEntropy(TrainerCallback):
+    """At each evaluation: the token-mean cross-entropy of the held-out completions, in their data order."""
+
+    def __init__(self, trainer, batches):
+        self.trainer, self.batches, self.history = trainer, batches, []
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         model = self.trainer.model
-        nll = tokens = set_sum = set_tokens = 0.0
+        was_training = model.training
+        model.eval()
+        nll = tokens = 0.0
         with torch.no_grad():
-            for batch in self.trainer.get_eval_dataloader():
-                batch = {k: v.to(model.device) for k, v in batch.items()}
-                labels = batch.pop("labels")
-                logits = model(**batch).logits.float()
-                targets = labels[:, 1:]
-                nll += F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="sum").item()
-                tokens += (targets != -100).sum().item()
-                out = set_matching_loss(logits, labels, self.separators, reduction="sum")
-                set_sum += out.loss.item()
-                set_tokens += out.stats["target_tokens"]
-        values = {"heldout_ce": nll / tokens, "heldout_set_loss": set_sum / max(set_tokens, 1)}
-        metrics.update(values)
-        self.history.append({"step": state.global_step, **values})
+            for batch in self.batches:
+                labels = batch["labels"][:, 1:]
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                nll += F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="sum").item()
+                tokens += (labels != -100).sum().item()
+        model.train(was_training)
+        metrics["heldout_ce"] = nll / tokens
+        self.history.append(nll / tokens)
 
 
-def run(method: str, seed: int, args: argparse.Namespace, out_dir: str) -> dict:
+class StepTimer(TrainerCallback):
+    """Wall time of each training step (forward, loss, backward, optimizer), evaluations and logging excluded."""
+
+    def __init__(self):
+        self.seconds, self._start = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def run(job: Job, settings: dict) -> dict:
+    """Train one method on one task, seed and budget; its final held-out numbers and their curves over steps."""
+    task = TASKS[job.task]
+    answer_order, lambda_set = METHODS[job.method]
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR)
-    demo = load_qa_dataset(str(DATA_DIR))  # splits "train" and "test" (eval.jsonl)
-    config = QALossConfig(
-        output_dir=out_dir,
-        seed=seed,
-        data_seed=seed,
-        lambda_ce=1.0,
-        lambda_set=METHODS[method],
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=args.max_steps // 20,
-        weight_decay=0.0,
-        max_length=128,
-        eval_strategy="steps",
-        eval_steps=args.max_steps // args.evals,
-        per_device_eval_batch_size=40,
-        eval_generate_samples=80,
-        eval_generate_batch_size=40,
-        eval_max_new_tokens=80,
-        logging_steps=max(args.max_steps // 24, 1),
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    trainer = QALossSFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=demo["train"],
-        eval_dataset=demo["test"],
-        processing_class=tokenizer,
-    )
-    losses = HeldOutLosses(trainer, QASeparators.from_tokenizer(tokenizer))
-    trainer.add_callback(losses)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    history = trainer.state.log_history
-    evals = [e for e in history if "eval_set_f1" in e]
-    curves = {
-        "step": [e["step"] for e in evals],
-        "set_f1": [e["eval_set_f1"] for e in evals],
-        "matched_set_f1": [e["eval_matched_question_set_f1"] for e in evals],
-        "cardinality_error": [e["eval_cardinality_error"] for e in evals],
-        "heldout_ce": [h["heldout_ce"] for h in losses.history],
-        "heldout_set_loss": [h["heldout_set_loss"] for h in losses.history],
-        # lambda_set=0 trains exactly like SFTTrainer, whose `loss` is then the cross-entropy.
-        "train_step": [e["step"] for e in history if "loss" in e and "train_runtime" not in e],
-        "train_ce": [e.get("ce_loss", e["loss"]) for e in history if "loss" in e and "train_runtime" not in e],
+    data = load_qa_dataset(str(task.data_dir))  # splits "train" and "test" (eval.jsonl)
+    heldout = data["test"].select(range(settings["eval_rows"]))
+    with tempfile.TemporaryDirectory() as out_dir:
+        config = QALossConfig(
+            output_dir=out_dir, seed=job.seed, data_seed=job.seed, answer_order=answer_order, lambda_ce=1.0,
+            lambda_set=lambda_set, max_steps=job.max_steps, per_device_train_batch_size=settings["batch_size"],
+            learning_rate=settings["learning_rate"], lr_scheduler_type="cosine", warmup_steps=job.max_steps // 20,
+            weight_decay=0.0, max_length=task.max_length, eval_strategy="steps",
+            eval_steps=max(job.max_steps // job.evals, 1), per_device_eval_batch_size=40,
+            eval_generate_samples=len(heldout), eval_generate_batch_size=40, eval_max_new_tokens=task.max_new_tokens,
+            logging_steps=max(job.max_steps // 24, 1), save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+            activation_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True,
+        )  # fmt: skip
+        trainer = QALossSFTTrainer(model=model, args=config, train_dataset=data["train"], eval_dataset=heldout,
+                                   processing_class=tokenizer)  # fmt: skip
+        cross_entropy = HeldOutCrossEntropy(trainer, heldout_batches(tokenizer, heldout, 40))
+        timer = StepTimer()
+        trainer.add_callback(cross_entropy)
+        trainer.add_callback(timer)
+        trainer.remove_callback(PrinterCallback)  # one line per run instead of every log
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    evals = [e for e in trainer.state.log_history if "eval_set_f1" in e]
+    curves = {"step": [e["step"] for e in evals], "heldout_ce": cross_entropy.history}
+    curves |= {key: [e[key] for e in evals] for key, *_ in METRICS if key.startswith("eval_")}
+    # The first steps warm up allocators and caches; the step time is the mean of the rest.
+    step_seconds = statistics.mean(timer.seconds[min(5, len(timer.seconds) - 1) :])
+    final = {key: values[-1] for key, values in curves.items() if key != "step"}
+    final["step_seconds"] = step_seconds
+    print(f"{job.task:>9} {job.budget:>4} seed {job.seed} {job.method:>18}: "
+          f"exact-set {final['eval_exact_set_match']:.3f}  set-F1 {final['eval_set_f1']:.3f}  "
+          f"dup {final['eval_duplicate_rate']:.3f}  CE {final['heldout_ce']:.4f}"
+          f"  step {1000 * step_seconds:.0f} ms  ({seconds:.0f} s)", flush=True)  # fmt: skip
+    return {"job": job.__dict__, "final": final, "curves": curves, "seconds": seconds}
+
+
+def _run_in_worker(item: tuple[Job, dict]) -> dict:
+    torch.set_num_threads(1)  # the tiny model runs fastest on one thread; the workers share the cores
+    return run(*item)
+
+
+def add_step_time_ratios(results: list[dict]) -> None:
+    """`step_time_ratio`: a run's mean step time over plain SFT's in the same task, budget and seed."""
+    baseline = {
+        (r["job"]["task"], r["job"]["budget"], r["job"]["seed"]): r["final"]["step_seconds"]
+        for r in results
+        if r["job"]["method"] == BASELINE
     }
-    final = {**evals[-1], **losses.history[-1]}
-    print(
-        f"{method:>15} seed {seed}: set-F1 {final['eval_set_f1']:.3f}  held-out CE {final['heldout_ce']:.4f}  "
-        f"set loss {final['heldout_set_loss']:.4f}  ({seconds:.0f} s)",
-        flush=True,
-    )
-    return {"final": final, "curves": curves, "seconds": seconds}
+    for r in results:
+        key = (r["job"]["task"], r["job"]["budget"], r["job"]["seed"])
+        r["final"]["step_time_ratio"] = r["final"]["step_seconds"] / baseline[key] if key in baseline else float("nan")
 
 
 def mean_std(values: list[float], fmt: str, signed: bool = False) -> str:
@@ -143,105 +219,156 @@ def mean_std(values: list[float], fmt: str, signed: bool = False) -> str:
     return f"{'+' if signed and not mean.startswith('-') else ''}{mean} ± {fmt.format(std)}"
 
 
-def write_table(results: dict, args: argparse.Namespace, wall: float, path: Path) -> None:
-    seeds = args.seeds
-    first = results["plain SFT"][seeds[0]]["final"]
-    counts = {"expected": first["eval_questions_expected"], "examples": first["eval_num_examples"]}
-    names = list(METHODS)
+def select(results: list[dict], **job) -> list[dict]:
+    """The runs whose job has these fields, in seed order."""
+    runs = [r for r in results if all(r["job"][k] == v for k, v in job.items())]
+    return sorted(runs, key=lambda r: r["job"]["seed"])
+
+
+def results_table(results: list[dict], task: str, budget: str, methods: list[str]) -> list[str]:
+    """One Markdown table: a row per method, a column per metric, `mean ± std (paired difference to plain SFT)`."""
+    lines = [f"| method | {' | '.join(label for _, label, *_ in METRICS)} |", "|---|" + "---:|" * len(METRICS)]
+    baseline = {r["job"]["seed"]: r["final"] for r in select(results, task=task, budget=budget, method=BASELINE)}
+    for method in methods:
+        runs = select(results, task=task, budget=budget, method=method)
+        cells = []
+        for key, _, fmt, _ in METRICS:
+            values = [r["final"][key] for r in runs]
+            cell = mean_std(values, fmt)
+            if method != BASELINE and key != "step_time_ratio" and baseline:
+                diffs = [r["final"][key] - baseline[r["job"]["seed"]][key] for r in runs]
+                cell += f" ({mean_std(diffs, fmt, signed=True)})"
+            cells.append(cell)
+        lines.append(f"| {method} | {' | '.join(cells)} |")
+    return lines
+
+
+def write_report(results: list[dict], args: argparse.Namespace, methods: list[str], wall: float, path: Path) -> None:
+    steps = {budget: budget_steps(args.max_steps, budget) for budget in BUDGETS}
     lines = [
-        f"Held-out split (80 rows), after {args.max_steps} steps (batch {args.batch_size}, lr {args.learning_rate}, "
-        f"cosine), mean ± standard deviation over seeds {', '.join(map(str, seeds))}; greedy decoding.",
-        "",
-        f"| metric | {' | '.join(names)} | difference (set loss − plain) |",
-        "|---|" + "---:|" * (len(names) + 1),
+        f"Held-out rows ({args.eval_rows} per task), greedy decoding, questions paired by position; mean ± standard "
+        f"deviation over seeds {', '.join(map(str, args.seeds))}, and in parentheses the paired difference to plain "
+        f"SFT (same seed). Full fine-tuning of the demo's tiny Llama, batch {args.batch_size}, lr "
+        f"{args.learning_rate}, cosine with 5% warmup, {steps['full']} steps (full) or {steps['low']} (low budget).",
     ]
-    for key, label, fmt in METRICS:
-        per_method = [[results[m][s]["final"][key] for s in seeds] for m in names]
-        diffs = [b - a for a, b in zip(*per_method, strict=True)]
-        cells = [mean_std(v, fmt) for v in per_method] + [mean_std(diffs, fmt, signed=True)]
-        lines.append(f"| {label.format(**counts)} | {' | '.join(cells)} |")
-    lines += [
-        "",
-        "Per seed (set-F1 / held-out cross-entropy):",
-        "",
-        f"| seed | {' | '.join(names)} |",
-        "|---|" + "---:|" * len(names),
-    ]
-    for s in seeds:
-        cells = [
-            f"{results[m][s]['final']['eval_set_f1']:.3f} / {results[m][s]['final']['heldout_ce']:.4f}" for m in names
-        ]
-        lines.append(f"| {s} | {' | '.join(cells)} |")
-    run_times = [r["seconds"] for m in names for r in results[m].values()]
-    lines += [
-        "",
-        f"Wall time: {wall / 60:.1f} min for {len(run_times)} runs "
-        f"({statistics.mean(run_times):.0f} s per run on average, training and evaluations).",
-    ]
+    for task in args.tasks:
+        for budget in BUDGETS:
+            lines += ["", f"**{task}, {budget} budget ({steps[budget]} steps)**", ""]
+            lines += results_table(results, task, budget, methods)
+    run_times = [r["seconds"] for r in results]
+    lines += ["", f"Wall time: {wall / 60:.1f} min for {len(results)} runs on {args.workers} worker processes "
+              f"({statistics.mean(run_times):.0f} s per run on average, training and evaluations)."]  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def plot(results: dict, args: argparse.Namespace, path: Path) -> None:
+def plot(results: list[dict], methods: list[str], args: argparse.Namespace, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [
-        ("set_f1", "step", "held-out set-F1 (greedy)"),
-        ("matched_set_f1", "step", "held-out set-F1, questions asked right"),
-        ("cardinality_error", "step", "held-out cardinality error"),
-        ("heldout_ce", "step", "held-out SFT cross-entropy"),
-        ("heldout_set_loss", "step", "held-out set loss"),
-        ("train_ce", "train_step", "training SFT cross-entropy"),
-    ]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-    axes = axes.ravel()
-    for ax, (key, x_key, title) in zip(axes, panels, strict=True):
-        for (method, runs), color in zip(results.items(), ("tab:blue", "tab:orange"), strict=False):
-            curves = [r["curves"] for r in runs.values()]
-            steps = curves[0][x_key]
-            values = torch.tensor([c[key] for c in curves])
-            ax.plot(steps, values.mean(0), color=color, label=method, marker="o" if x_key == "step" else None)
-            ax.fill_between(steps, values.min(0).values, values.max(0).values, color=color, alpha=0.2)
-        ax.set_title(title)
-        if key == "train_ce":
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for ax in axes[:2]:
-        ax.set_ylim(0, 1)
-    axes[0].legend(loc="upper right")
-    fig.suptitle(f"Demo data, held-out split, {len(args.seeds)} seeds: mean (line) and min-max (band)")
+    panels = [(key, label) for key, label, _, plotted in METRICS if plotted]
+    tasks = args.tasks
+    fig, axes = plt.subplots(len(tasks), len(panels), figsize=(4.2 * len(panels), 3.6 * len(tasks)), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for row, task in enumerate(tasks):
+        for col, (key, label) in enumerate(panels):
+            ax = axes[row][col]
+            for method, color in zip(methods, colors, strict=False):
+                runs = select(results, task=task, budget="full", method=method)
+                if not runs:
+                    continue
+                steps = runs[0]["curves"]["step"]
+                values = torch.tensor([r["curves"][key] for r in runs])
+                ax.plot(steps, values.mean(0), color=color, marker="o", markersize=3, label=method)
+                ax.fill_between(steps, values.min(0).values, values.max(0).values, color=color, alpha=0.15)
+            ax.set_title(f"{task}: {label}", fontsize=10)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Held-out metrics over training (full budget), {len(args.seeds)} seeds: mean (line), min-max (band)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def budget_steps(max_steps: int, budget: str) -> int:
+    return max(int(max_steps * BUDGETS[budget]), 1)
+
+
+def make_jobs(args: argparse.Namespace, methods: list[str]) -> list[Job]:
+    """Every (task, budget, seed, method) run, the longest first so the workers finish together."""
+    jobs = [
+        Job(task, budget, seed, method, budget_steps(args.max_steps, budget), args.evals if budget == "full" else 1)
+        for task in args.tasks
+        for budget in BUDGETS
+        for seed in args.seeds
+        for method in methods
+    ]
+    return sorted(jobs, key=lambda j: (j.task != "hard", j.budget != "full"))
+
+
+def check_methods(methods: list[str]) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}.")
+    if BASELINE not in methods:
+        raise SystemExit(f"--methods must include {BASELINE!r}: every difference is taken to it.")
+    if "answer_order" not in QALossConfig.__dataclass_fields__:
+        raise SystemExit("This benchmark needs `QALossConfig.answer_order`; install a trl-qaloss that has it.")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="a few minutes: seed 0, 40 steps (10 low), 2 evaluations of 20 held-out rows, "
+                        "written to set_vs_sft_quick.*")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--max_steps", type=int, default=480)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"a subset of {list(METHODS)}")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--max_steps", type=int, default=480, help="steps of the full budget; the low one is 1/4")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
-    parser.add_argument("--evals", type=int, default=6, help="evaluations during training, the last at the end")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the tiny model runs fastest on one)")
+    parser.add_argument(
+        "--evals", type=int, default=4, help="evaluations during a full-budget run, the last at the end"
+    )
+    parser.add_argument("--eval_rows", type=int, default=80, help="held-out rows measured (of 80)")
+    parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
+    parser.add_argument(
+        "--report_from", type=Path, default=None, help="write the report from a <out>.runs.jsonl of finished runs"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "set_vs_sft")
+    if parser.parse_known_args(argv)[0].quick:  # its sizes are defaults: flags given with --quick still win
+        parser.set_defaults(seeds=[0], max_steps=40, evals=2, eval_rows=20, out=parser.get_default("out").with_name(
+            "set_vs_sft_quick"))  # fmt: skip
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    check_methods(args.methods)
+    methods = [m for m in METHODS if m in args.methods]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if len(args.seeds) < 3:
         print("note: fewer than 3 seeds; the spread is not meaningful")
+    settings = {"batch_size": args.batch_size, "learning_rate": args.learning_rate, "eval_rows": args.eval_rows}
+    runs_file = args.out.with_suffix(".runs.jsonl")
     start = time.perf_counter()
-    results = {method: {} for method in METHODS}
-    for seed in args.seeds:
-        for method in METHODS:
-            with tempfile.TemporaryDirectory() as out_dir:
-                results[method][seed] = run(method, seed, args, out_dir)
+    if args.report_from:  # the report of runs already done (e.g. a run cut short: its finished runs)
+        results = [json.loads(line) for line in args.report_from.read_text().splitlines() if line.strip()]
+        methods = [m for m in methods if any(r["job"]["method"] == m for r in results)]
+    else:
+        jobs = make_jobs(args, methods)
+        results = []
+        # Each finished run is saved at once, so a run cut short keeps what it finished (see --report_from).
+        with runs_file.open("w") as saved, multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            for result in pool.imap_unordered(_run_in_worker, [(job, settings) for job in jobs], chunksize=1):
+                results.append(result)
+                saved.write(json.dumps(result) + "\n")
+                saved.flush()
     wall = time.perf_counter() - start
-    write_table(results, args, wall, args.out.with_suffix(".md"))
-    plot(results, args, args.out.with_suffix(".png"))
-    print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}")
+    add_step_time_ratios(results)
+    args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                         "wall_seconds": wall, "runs": results}, indent=1))  # fmt: skip
+    write_report(results, args, methods, wall, args.out.with_suffix(".md"))
+    plot(results, methods, args, args.out.with_suffix(".png"))
+    print(f"wrote {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')} and {args.out.with_suffix('.json')}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from trl_qaloss import QASeparators
 from trl_qaloss.data import format_qas, format_qas_dataset, load_qa_dataset
-from trl_qaloss.demo import DATA_DIR, MODEL_DIR
+from trl_qaloss.demo import DATA_DIR, HARD_DATA_DIR, MODEL_DIR, make_demo
 from trl_qaloss.parsing import parse_row
 
 
@@ -26,17 +26,77 @@ def read_back(completion: str, tokenizer) -> list[list[str]]:
     return [[tokenizer.decode([tok for _, tok in answer]).strip() for answer in item] for item in items]
 
 
-def demo_rows(split: str) -> list[dict]:
-    with open(DATA_DIR / f"{split}.jsonl") as f:
+TASKS = {"data": (DATA_DIR, make_demo.QUESTIONS), "data_hard": (HARD_DATA_DIR, make_demo.HARD_QUESTIONS)}
+
+
+def demo_rows(split: str, task: str = "data") -> list[dict]:
+    with open(TASKS[task][0] / f"{split}.jsonl") as f:
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.parametrize("task", list(TASKS))
 @pytest.mark.parametrize("split", ["train", "eval"])
-def test_demo_rows_round_trip_through_the_parser(split, demo_tokenizer):
-    for i, row in enumerate(demo_rows(split)):
+def test_demo_rows_round_trip_through_the_parser(split, task, demo_tokenizer):
+    for i, row in enumerate(demo_rows(split, task)):
         out = format_qas(row, i)
         assert out["prompt"] == row["context"]
         assert read_back(out["completion"], demo_tokenizer) == [qa["answers"] for qa in row["qas"]]
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_demo_prompts_name_the_questions_in_order_and_eval_asks_new_combinations(task):
+    questions = TASKS[task][1]
+    train, held_out = demo_rows("train", task), demo_rows("eval", task)
+    assert len(train) == 400 and len(held_out) == 80
+    for row in train + held_out:
+        prefix, _, topics = row["context"].removesuffix(".").partition(": its ")
+        country = prefix.removeprefix("Tell me about ")
+        topics = topics.replace(" and ", ", ").split(", ")
+        assert [qa["question"] for qa in row["qas"]] == [questions[t].format(c=country) for t in topics]
+        assert 2 <= len(topics) <= 3
+    # The prompt fixes the combination: a held-out prompt is never a training prompt.
+    assert not {r["context"] for r in held_out} & {r["context"] for r in train}
+    assert len({r["context"] for r in train}) == 400
+
+
+def test_demo_answer_lists_come_in_random_order():
+    """The same question's answers appear in more than one order across rows (and not only sorted)."""
+    for task in TASKS:
+        orders: dict[str, set[tuple[str, ...]]] = {}
+        for row in demo_rows("train", task):
+            for qa in row["qas"]:
+                orders.setdefault(qa["question"], set()).add(tuple(qa["answers"]))
+        shuffled = [q for q, seen in orders.items() if len(seen) > 1]
+        assert len(shuffled) > len(orders) // 2, task
+
+
+def first_token(tokenizer, answer: str) -> int:
+    return tokenizer(" " + answer, add_special_tokens=False)["input_ids"][0]
+
+
+def test_hard_demo_task_has_big_multi_token_answer_sets_sharing_first_tokens(demo_tokenizer):
+    qas = [qa for row in demo_rows("train", "data_hard") for qa in row["qas"]]
+    assert all(5 <= len(qa["answers"]) <= 8 for qa in qas)
+    assert all(
+        len(demo_tokenizer(" " + a, add_special_tokens=False)["input_ids"]) >= 2 for qa in qas for a in qa["answers"]
+    )
+    # Answer sets hold answers starting with the same token (`new ...`, `lake ...`): always for towns (more towns
+    # than prefixes), peaks and lakes, and for most goods (`red wine`, `red clay`).
+    for qa in qas:
+        first = [first_token(demo_tokenizer, a) for a in qa["answers"]]
+        if "export" not in qa["question"]:
+            assert len(set(first)) < len(first), qa
+    goods = [qa["answers"] for qa in qas if "export" in qa["question"]]
+    shared = [a for a in goods if len({first_token(demo_tokenizer, x) for x in a}) < len(a)]
+    assert len(shared) > 0.9 * len(goods)
+
+
+def test_make_demo_regenerates_the_shipped_data():
+    """The generator is deterministic: seed 0 draws exactly the shipped rows of both tasks (no pretraining needed)."""
+    import random
+
+    for directory, (_, _, rows) in make_demo.make_tasks(random.Random(0)).items():
+        assert rows == demo_rows("train", directory) + demo_rows("eval", directory), directory
 
 
 def test_round_trip_with_multi_word_answers_and_an_empty_set(tokenizer):
@@ -95,8 +155,9 @@ def test_local_jsonl_is_converted_and_bad_rows_are_named(tmp_path):
     assert dataset["train"][0]["completion"] == " <QA> q? <A> a <A> b"
 
 
-def test_demo_directory_loads_both_splits():
-    dataset = load_qa_dataset(str(DATA_DIR))
+@pytest.mark.parametrize("directory", [DATA_DIR, HARD_DATA_DIR])
+def test_demo_directory_loads_both_splits(directory):
+    dataset = load_qa_dataset(str(directory))
     assert dataset["train"].num_rows == 400 and dataset["test"].num_rows == 80
     assert set(dataset["test"].column_names) == {"prompt", "completion"}
 

@@ -12,7 +12,8 @@ from datasets import Dataset
 from tests.testing_utils import CHAT_TEMPLATE, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer, QASetEvalCallback, answer_set_scores
 
-KEYS = ("set_f1", "set_precision", "set_recall", "soft_f1", "cardinality_error", "parse_failures")
+KEYS = ("set_f1", "set_precision", "set_recall", "soft_f1", "exact_set_match", "duplicate_rate", "cardinality_error",
+        "parse_failures")  # fmt: skip
 
 
 def eval_dataset():
@@ -56,6 +57,22 @@ def test_metrics_logged_during_training_and_by_evaluate(trainer):
     prompts, references = callback._samples(trainer.eval_dataset)
     with torch.no_grad():
         expected = answer_set_scores(callback._generate(prompts), references)
+    for key in KEYS:
+        assert metrics[f"eval_{key}"] == pytest.approx(expected[key])
+
+
+def test_match_questions_text_scores_the_same_completions_by_question_text(trainer):
+    callback = eval_callback(trainer)
+    prompts, references = callback._samples(trainer.eval_dataset)
+    with torch.no_grad():
+        predictions = callback._generate(prompts)
+    callback.match_questions = "text"
+    try:
+        metrics = {"eval_runtime": 0.0}
+        callback.on_evaluate(trainer.args, trainer.state, trainer.control, metrics=metrics)
+    finally:
+        callback.match_questions = "position"
+    expected = answer_set_scores(predictions, references, match_questions="text")
     for key in KEYS:
         assert metrics[f"eval_{key}"] == pytest.approx(expected[key])
 
@@ -139,8 +156,10 @@ def test_errors(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "field, value", [("eval_generate_samples", -1), ("eval_max_new_tokens", 0), ("eval_generate_batch_size", 0)]
-)
+    "field, value",
+    [("eval_generate_samples", -1), ("eval_max_new_tokens", 0), ("eval_generate_batch_size", 0),
+     ("eval_match_questions", "order")],
+)  # fmt: skip
 def test_config_validation(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         qa_config(tmp_path, **{field: value})

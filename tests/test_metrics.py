@@ -134,6 +134,85 @@ def test_averaged_over_reference_questions_of_all_examples():
     assert result["num_examples"] == 2 and result["questions_expected"] == 4
 
 
+def test_exact_set_match_needs_the_same_set_without_repeats():
+    reference = WHO + "<A> Ann <A> Bob"
+    assert scores(WHO + "<A> bob <A> ANN.", reference)["exact_set_match"] == 1  # any order, normalized
+    assert scores(WHO + "<A> Bob <A> Ann <A> ann", reference)["exact_set_match"] == 0  # a repeat
+    assert scores(WHO + "<A> Bob <A> Ann <A> Bob", reference)["set_f1"] == 1  # which set-F1 forgives
+    assert scores(WHO + "<A> Ann", reference)["exact_set_match"] == 0  # a missing answer
+    assert scores(WHO + "<A> Ann <A> Bob <A> Carl", reference)["exact_set_match"] == 0  # an extra one
+    assert scores("<QA> Who?", "<QA> Who?")["exact_set_match"] == 1  # nothing to answer, nothing answered
+    # Per reference question: one of two matches; a missing second question scores 0.
+    two = scores(WHO + "<A> Ann <QA> Where? <A> Rome", WHO + "<A> Ann <QA> Where? <A> Paris")
+    assert two["exact_set_match"] == 0.5
+    assert scores(WHO + "<A> Ann", WHO + "<A> Ann <QA> Where? <A> Paris")["exact_set_match"] == 0.5
+
+
+def test_exact_set_match_and_duplicates_on_unicode():
+    reference = "<QA> Wo? <A> Zürich <A> Genève <A> 東京"
+    assert scores("<QA> Wo? <A> 東京 <A> ZÜRICH <A> «Genève»", reference)["exact_set_match"] == 1
+    assert scores("<QA> Wo? <A> 東京 <A> Zurich <A> Genève", reference)["exact_set_match"] == 0  # accents count
+    nfkc = scores("<QA> Wo? <A> ｱ <A> ア", "<QA> Wo? <A> ア")  # NFKC makes the half-width ｱ a repeat of ア
+    assert nfkc["exact_set_match"] == 0 and nfkc["duplicate_rate"] == 0.5 and nfkc["set_f1"] == 1
+
+
+def test_duplicate_rate_counts_repeated_predicted_answers():
+    assert scores(WHO + "<A> Ann <A> Bob", WHO + "<A> Ann")["duplicate_rate"] == 0
+    assert scores(WHO + "<A> Ann <A> ann. <A> Bob", WHO + "<A> Ann")["duplicate_rate"] == pytest.approx(1 / 3)
+    assert scores(WHO + "<A> Ann <A> ann <A> The Ann", WHO + "<A> Ann")["duplicate_rate"] == pytest.approx(2 / 3)
+    # Repeats count within one item only: the same answer to two questions is no repeat.
+    across = scores("<QA> A? <A> x <QA> B? <A> x", "<QA> A? <A> x <QA> B? <A> x")
+    assert across["duplicate_rate"] == 0 and across["exact_set_match"] == 1
+    # Over all predicted answers of all examples, extra (unpaired) items included.
+    result = answer_set_scores(
+        [WHO + "<A> Ann <A> Ann", "<QA> A? <A> 1 <QA> Extra? <A> y <A> y <A> y"], [WHO + "<A> Ann", "<QA> A? <A> 1"]
+    )
+    assert result["duplicate_rate"] == pytest.approx(3 / 6)
+    assert scores("nothing parsed", WHO + "<A> Ann")["duplicate_rate"] == 0  # no predicted answer
+
+
+def test_match_questions_text_pairs_reordered_questions():
+    prediction = "<QA> Where? <A> Paris <QA> Who wrote X? <A> Bob <A> Ann"
+    reference = WHO + "<A> Ann <A> Bob <QA> Where? <A> Paris"
+    by_position = scores(prediction, reference)
+    by_text = answer_set_scores([prediction], [reference], match_questions="text")
+    assert by_position["set_f1"] == 0 and by_position["exact_set_match"] == 0 and by_position["questions_matched"] == 0
+    assert by_text["set_f1"] == 1 and by_text["exact_set_match"] == 1 and by_text["questions_matched"] == 2
+    assert by_text["cardinality_error"] == 0 and by_text["matched_question_set_f1"] == 1
+
+
+def test_match_questions_text_with_missing_extra_and_reworded_questions():
+    def by_text(prediction, reference):
+        return answer_set_scores([prediction], [reference], match_questions="text")
+
+    reference = "<QA> who rules valdor? <A> ilsa <QA> which rivers flow through valdor? <A> oru <A> pell"
+    # Missing: the rivers question is answered, the ruler question is not asked (scores 0, misses its answer).
+    missing = by_text("<QA> which rivers flow through valdor? <A> pell <A> oru", reference)
+    assert missing["exact_set_match"] == 0.5 and missing["set_f1"] == 0.5
+    assert missing["cardinality_error"] == pytest.approx(0.5) and missing["questions_matched"] == 1
+    # Extra: an unrelated question shares no token with either reference question, so it takes no partner.
+    extra = by_text(
+        "<QA> what is the time? <A> ilsa <QA> which rivers flow through valdor? <A> oru <A> pell", reference
+    )
+    assert extra["exact_set_match"] == 0.5 and extra["questions_predicted"] == 2 and extra["questions_matched"] == 1
+    # Reworded: paired by the most similar question (one to one), but not "asked right".
+    reworded = by_text("<QA> rivers of valdor? <A> oru <A> pell <QA> ruler of valdor? <A> ilsa", reference)
+    assert reworded["exact_set_match"] == 1 and reworded["questions_matched"] == 0
+    # The same question asked twice: only one of them takes the reference question, on a tie the nearest one.
+    twice = by_text("<QA> who rules valdor? <A> bob <QA> who rules valdor? <A> ilsa", "<QA> who rules valdor? <A> ilsa")
+    assert twice["exact_set_match"] == 0 and twice["questions_matched"] == 1 and twice["questions_predicted"] == 2
+    later = by_text("<QA> who rules valdor? <A> bob <QA> who rules valdor? <A> ilsa", reference)
+    # The first takes it; the second shares "valdor" with the rivers question, so it is paired with it
+    # (cardinality error |1 - 2| there) instead of leaving it missing (2).
+    assert later["set_f1"] == 0 and later["questions_matched"] == 1 and later["cardinality_error"] == 0.5
+    assert by_text("", reference)["set_f1"] == 0 and by_text("", reference)["parse_failures"] == 1
+
+
+def test_match_questions_must_be_a_known_mode():
+    with pytest.raises(ValueError, match="match_questions"):
+        answer_set_scores(["a"], ["a"], match_questions="order")
+
+
 def test_misaligned_inputs():
     with pytest.raises(ValueError, match="aligned"):
         answer_set_scores(["a"], [])

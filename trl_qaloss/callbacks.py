@@ -10,7 +10,7 @@ from transformers import GenerationConfig, ProcessorMixin, TrainerCallback
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
-from .metrics import answer_set_scores
+from .metrics import MATCH_QUESTIONS, answer_set_scores
 
 
 def split_prompt_and_reference(input_ids: list[int], labels: list[int], row: int) -> tuple[list[int], list[int]]:
@@ -38,9 +38,8 @@ def hidden_token_ids(tokenizer, separators: tuple[str, str]) -> set[int]:
     return special - visible
 
 
-def greedy_completions(
-    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, progress: bool = False
-) -> list[list[int]]:
+def greedy_completions(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+                       progress: bool = False) -> list[list[int]]:  # fmt: skip
     """Greedy completions of tokenized prompts, in batches of `batch_size` with left padding.
 
     Returns the generated ids of each prompt, cut before the first EOS (the tokenizer's or the model's generation
@@ -53,13 +52,9 @@ def greedy_completions(
     eos_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
     eos_ids.discard(None)
     config = GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=sorted(eos_ids),
-        use_cache=True,
-    )
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+        eos_token_id=sorted(eos_ids), use_cache=True,
+    )  # fmt: skip
     completions = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="Generating", unit="batch", disable=not progress):
@@ -84,7 +79,8 @@ class QASetEvalCallback(TrainerCallback):
 
     The metrics are added to the `metrics` of `evaluate()` (so `metric_for_best_model="eval_set_f1"` works) and
     logged with the trainer's `log` under the evaluation's prefix (`eval_set_f1`, `eval_set_precision`,
-    `eval_set_recall`, `eval_soft_f1`, `eval_cardinality_error`, `eval_parse_failures`, ...), so they reach
+    `eval_set_recall`, `eval_soft_f1`, `eval_exact_set_match`, `eval_duplicate_rate`, `eval_cardinality_error`,
+    `eval_parse_failures`, ...), so they reach
     `state.log_history` and every `report_to` integration. `QALossSFTTrainer` adds this callback when
     `eval_generate_samples > 0`; with another trainer, `trainer.add_callback(QASetEvalCallback(trainer, 16))`.
 
@@ -94,11 +90,12 @@ class QASetEvalCallback(TrainerCallback):
         max_new_tokens: default `trainer.args.eval_max_new_tokens`, else 128.
         batch_size: prompts per `generate` call; default `trainer.args.eval_generate_batch_size`, else
             `per_device_eval_batch_size`.
+        match_questions: how generated items are paired with reference items, `"position"` or `"text"` (see
+            `answer_set_scores`); default `trainer.args.eval_match_questions`, else `"position"`.
     """
 
-    def __init__(
-        self, trainer, num_samples: int | None = None, max_new_tokens: int | None = None, batch_size: int | None = None
-    ):
+    def __init__(self, trainer, num_samples: int | None = None, max_new_tokens: int | None = None,
+                 batch_size: int | None = None, match_questions: str | None = None):  # fmt: skip
         args = trainer.args
         self.trainer = trainer
         self.num_samples = num_samples if num_samples is not None else getattr(args, "eval_generate_samples", 0)
@@ -106,10 +103,11 @@ class QASetEvalCallback(TrainerCallback):
         self.batch_size = (
             batch_size or getattr(args, "eval_generate_batch_size", None) or args.per_device_eval_batch_size
         )
-        self.separators = tuple(
-            getattr(args, name, default)
-            for name, default in (("qa_token", "<QA>"), ("answer_token", "<A>"), ("question_end", "?"))
-        )
+        self.match_questions = match_questions or getattr(args, "eval_match_questions", "position")
+        if self.match_questions not in MATCH_QUESTIONS:
+            raise ValueError(f"`match_questions` must be one of {MATCH_QUESTIONS}, got {self.match_questions!r}.")
+        self.separators = tuple(getattr(args, name, default) for name, default in
+                                (("qa_token", "<QA>"), ("answer_token", "<A>"), ("question_end", "?")))  # fmt: skip
         if self.num_samples < 1:
             raise ValueError(
                 f"`eval_generate_samples` must be at least 1 to evaluate answer sets, got {self.num_samples}."
@@ -150,10 +148,9 @@ class QASetEvalCallback(TrainerCallback):
     def _generate(self, prompts: list[list[int]]) -> list[str]:
         trainer = self.trainer
         with unwrap_model_for_generation(
-            trainer.model_wrapped,
-            trainer.accelerator,
+            trainer.model_wrapped, trainer.accelerator,
             gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
-        ) as model:
+        ) as model:  # fmt: skip
             completions = greedy_completions(model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size)
         return [self._text(ids) for ids in completions]
 
@@ -178,7 +175,7 @@ class QASetEvalCallback(TrainerCallback):
                 order = gather_object(list(local))
                 predictions = gather_object(predictions)
             references = [references[i] for i in order]
-            scores = answer_set_scores(predictions, references, *self.separators)
+            scores = answer_set_scores(predictions, references, *self.separators, match_questions=self.match_questions)
             logs = {f"{prefix}_{key}": value for key, value in scores.items()}
             metrics.update(logs)
             # Logged in eval mode: TRL's `log` reads the mode to decide which of its own metrics to flush.

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from .answer_order import ANSWER_ORDERS
+from .metrics import MATCH_QUESTIONS
 from .reduction import REDUCTIONS
 
 
@@ -36,6 +37,9 @@ class QALossConfig(SFTConfig):
         eval_max_new_tokens (`int`, defaults to `128`): most tokens generated per eval prompt.
         eval_generate_batch_size (`int` or `None`, defaults to `None`): prompts per `generate` call; `None` uses
             `per_device_eval_batch_size`.
+        eval_match_questions (`str`, defaults to `"position"`): how the answer-set evaluation pairs generated items
+            with reference items: `"position"` (the k-th with the k-th) or `"text"` (by question text); see
+            [`answer_set_scores`].
         activation_checkpointing (`bool`, defaults to `True`): as in TRL, on by default; named here under its
             current transformers name so that a default config raises no deprecation warning about
             `gradient_checkpointing`, which remains an alias.
@@ -104,6 +108,14 @@ class QALossConfig(SFTConfig):
             "help": "Prompts per generate call when `eval_generate_samples > 0`; default: per_device_eval_batch_size."
         },
     )
+    eval_match_questions: str = field(
+        default="position",
+        metadata={
+            "help": "How the answer-set evaluation pairs generated items with reference items: 'position' (the k-th "
+            "with the k-th) or 'text' (one to one by question text).",
+            "choices": list(MATCH_QUESTIONS),
+        },
+    )
 
     def __post_init__(self):
         if self.gradient_checkpointing is not None:
@@ -130,6 +142,10 @@ class QALossConfig(SFTConfig):
             raise ValueError(f"`answer_order` must be one of {ANSWER_ORDERS}, got {self.answer_order!r}.")
         if self.set_loss_reduction not in REDUCTIONS:
             raise ValueError(f"`set_loss_reduction` must be one of {REDUCTIONS}, got {self.set_loss_reduction!r}.")
+        if self.eval_match_questions not in MATCH_QUESTIONS:
+            raise ValueError(
+                f"`eval_match_questions` must be one of {MATCH_QUESTIONS}, got {self.eval_match_questions!r}."
+            )
         for name, minimum in (
             ("eval_generate_samples", 0),
             ("eval_max_new_tokens", 1),

@@ -6,7 +6,10 @@ Layout (made by `python -m trl_qaloss.demo.make_demo`, deterministic given its s
   demo's world) and its byte-level BPE tokenizer (`tokenizer.json`, `tokenizer_config.json`) with `<QA>` and `<A>`
   as special tokens;
 - `data/train.jsonl` (400 rows), `data/eval.jsonl` (80 rows): structured rows
-  `{"context", "qas": [{"question", "answers"}]}` about the same world, each answer list in random order;
+  `{"context", "qas": [{"question", "answers"}]}` about the same world, whose prompt names the questions to answer
+  and their order, each answer list in random order; the eval rows ask question combinations no train row asks;
+- `data_hard/train.jsonl`, `data_hard/eval.jsonl`: a harder task of the same form, 5-8 multi-token answers per
+  question, many sharing their first tokens (`new abo`, `new kel`, `lake ...`);
 - `demo-cpu.yaml`: the default recipe, a copy of `recipes/demo-cpu.yaml`.
 
 Recipes name these files as `trl_qaloss/demo/...`; `resolve_demo_path` finds them inside the installed package.
@@ -20,6 +23,7 @@ from pathlib import Path
 DEMO_DIR = Path(__file__).resolve().parent
 MODEL_DIR = DEMO_DIR / "model"
 DATA_DIR = DEMO_DIR / "data"
+HARD_DATA_DIR = DEMO_DIR / "data_hard"
 DEFAULT_RECIPE = DEMO_DIR / "demo-cpu.yaml"
 PREFIX = "trl_qaloss/demo/"
 

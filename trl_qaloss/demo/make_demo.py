@@ -1,17 +1,27 @@
-"""Make the demo's assets: a small closed world, its question/answer-set data, a tokenizer and a tiny pretrained Llama.
+"""Make the demo's assets: a small closed world, two question/answer-set tasks, a tokenizer and a tiny pretrained Llama.
 
     python -m trl_qaloss.demo.make_demo [--seed 0] [--out trl_qaloss/demo]
 
-The world: fictional countries, each with cities, rivers, neighbours, languages and a ruler. Every row's context
-names a country; its 2-3 questions ask for those sets, and each answer list is shuffled, so the order of the answers
-carries no information: exactly where the set loss differs from cross-entropy.
+The world: fictional countries. Two tasks ask about them, each row naming a country and 2-3 topics in its prompt
+(`Tell me about valdor: its rivers, ruler and cities.`); the completion asks one question per topic, in the order the
+prompt names them, so the prompt determines which questions come and in what order. Each answer list is shuffled,
+so the order of the answers carries no information: exactly where the set loss differs from cross-entropy.
+
+- `data/`, the default task: cities, rivers, neighbours, languages and a ruler; 1-4 answers of one name each.
+- `data_hard/`: towns (`new abo`, `port abo`, ...), peaks (`mount ...`), lakes (`lake ...`) and exported goods (`red
+  wine`, `red clay`, ...): 5-8 answers of several tokens each, many sharing their first tokens, so the order of the
+  answers and their shared prefixes both matter.
+
+Each task draws 480 distinct (country, ordered topics) combinations: the first 400 are `train.jsonl`, the last 80
+`eval.jsonl`, so every held-out row is a question combination not in the training rows, with its own answer order.
 
 The base model: LoRA on a randomly initialized model learns little, so the generator pretrains the tiny Llama
-(full fine-tuning, fp32, a few minutes on 2 CPU cores) on the same facts written as plain text
-(`which rivers flow through valdor? oru and pell.`), never in the `<QA>`/`<A>` format. The demo's QLoRA run then
-has to learn the structured format and give each answer set in it, as a real instruct fine-tune would.
-`data/eval.jsonl` holds fresh rows (new question combinations and answer orders) about the same countries: it
-measures how well the facts and the format were learned, not generalization to unseen countries.
+(full fine-tuning, fp32; 10 min of CPU time, 22 min on 2 cores shared with other jobs) on the facts of both tasks
+written as plain text (`which rivers flow through valdor? oru and pell.`), never in the `<QA>`/`<A>` format. The
+demo's QLoRA run then has to learn the structured format and give each answer set in it, as a real instruct
+fine-tune would.
+The held-out rows ask about the same countries: they measure how well the facts and the format were learned, not
+generalization to unseen countries.
 Everything is drawn from `--seed`; the weights are bitwise reproducible on the same torch build and thread count.
 """
 
@@ -26,13 +36,23 @@ from pathlib import Path
 NUM_COUNTRIES = 24
 NUM_TRAIN, NUM_EVAL = 400, 80
 LANGUAGES = ["tavish", "orlen", "mirish", "kelvan", "sudric", "pallan", "vennic", "drusk"]
-QUESTIONS = {
+QUESTIONS = {  # topic, as the prompt names it: the question the completion asks
     "cities": "which cities are in {c}?",
     "rivers": "which rivers flow through {c}?",
     "neighbours": "which countries border {c}?",
     "languages": "which languages are spoken in {c}?",
     "ruler": "who rules {c}?",
 }
+HARD_QUESTIONS = {
+    "towns": "which towns are in {c}?",
+    "peaks": "which peaks rise in {c}?",
+    "lakes": "which lakes lie in {c}?",
+    "goods": "which goods does {c} export?",
+}
+HARD_ANSWERS = (5, 8)  # answers per question of the hard task
+TOWN_PREFIXES = ["new", "port", "san", "upper"]
+GOODS = [f"{a} {b}" for a in ("red", "dry", "raw", "fine", "black", "salt")
+         for b in ("wine", "tea", "fish", "figs", "silk", "wool", "clay", "rice")]  # fmt: skip
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<eos>", "<QA>", "<A>"]
 MODEL_CONFIG = dict(
     hidden_size=128,
@@ -76,16 +96,46 @@ def make_world(rng: random.Random) -> dict[str, dict[str, list[str]]]:
     return world
 
 
-def make_rows(world: dict, rng: random.Random, count: int) -> list[dict]:
-    rows = []
-    for _ in range(count):
+def make_hard_world(world: dict, rng: random.Random) -> dict[str, dict[str, list[str]]]:
+    """`{country: {topic: [answers]}}` of the hard task, for the countries of `world`: 5-8 answers per topic.
+
+    Towns take one of a few prefixes (`new abo`, `port abo`), peaks and lakes all start with `mount`/`lake`, and goods
+    come from a shared list of two-word goods (`red wine`, `red clay`, `dry wine`): many answers of one question
+    share their first tokens. Names are new: no town, peak or lake is named like anything in `world`.
+    """
+    taken = set(world) | {a for facts in world.values() for answers in facts.values() for a in answers}
+    hard = {}
+    for c in world:
+        sizes = {topic: rng.randint(*HARD_ANSWERS) for topic in HARD_QUESTIONS}
+        hard[c] = {
+            "towns": [f"{rng.choice(TOWN_PREFIXES)} {n}" for n in make_names(rng, sizes["towns"], taken)],
+            "peaks": [f"mount {n}" for n in make_names(rng, sizes["peaks"], taken)],
+            "lakes": [f"lake {n}" for n in make_names(rng, sizes["lakes"], taken)],
+            "goods": rng.sample(GOODS, sizes["goods"]),
+        }
+    return hard
+
+
+def make_rows(world: dict, questions: dict[str, str], rng: random.Random, count: int) -> list[dict]:
+    """`count` rows about distinct (country, ordered topics) combinations, 2-3 topics each, answers shuffled.
+
+    The prompt names the topics in the order the completion asks them: `Tell me about valdor: its rivers and ruler.`
+    """
+    rows, seen = [], set()
+    while len(rows) < count:
         country = rng.choice(sorted(world))
-        relations = rng.sample(sorted(QUESTIONS), rng.randint(2, 3))
-        answers = {r: world[country][r] for r in relations}
+        topics = tuple(rng.sample(sorted(questions), rng.randint(2, 3)))
+        if (country, topics) in seen:
+            continue
+        seen.add((country, topics))
         qas = [
-            {"question": QUESTIONS[r].format(c=country), "answers": rng.sample(a, len(a))} for r, a in answers.items()
+            {
+                "question": questions[t].format(c=country),
+                "answers": rng.sample(world[country][t], len(world[country][t])),
+            }
+            for t in topics
         ]
-        rows.append({"context": f"Tell me about {country}.", "qas": qas})
+        rows.append({"context": f"Tell me about {country}: its {join(list(topics))}.", "qas": qas})
     return rows
 
 
@@ -93,15 +143,15 @@ def join(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def fact_paragraph(world: dict, country: str, rng: random.Random) -> str:
+def fact_paragraph(world: dict, questions: dict[str, str], country: str, rng: random.Random) -> str:
     """All facts about one country as plain questions and answers, in random order, each list shuffled.
 
     `which rivers flow through valdor? oru and pell. who rules valdor? ilsa. ...`: the base model learns the facts
     and the questions, never the `<QA>`/`<A>` format.
     """
-    relations = rng.sample(sorted(QUESTIONS), len(QUESTIONS))
+    topics = rng.sample(sorted(questions), len(questions))
     facts = world[country]
-    return " ".join(f"{QUESTIONS[r].format(c=country)} {join(rng.sample(facts[r], len(facts[r])))}." for r in relations)
+    return " ".join(f"{questions[t].format(c=country)} {join(rng.sample(facts[t], len(facts[t])))}." for t in topics)
 
 
 def make_tokenizer(texts: list[str]):
@@ -125,8 +175,12 @@ def make_tokenizer(texts: list[str]):
     )
 
 
-def pretrain(world: dict, tokenizer, rng: random.Random, seed: int, steps: int, batch_size: int = 32):
-    """Full fine-tuning of a fresh tiny Llama on plain-text fact paragraphs (causal LM loss)."""
+def pretrain(worlds: list[tuple[dict, dict]], tokenizer, rng: random.Random, seed: int, steps: int,
+             batch_size: int = 32):  # fmt: skip
+    """Full fine-tuning of a fresh tiny Llama on plain-text fact paragraphs (causal LM loss).
+
+    `worlds`: `(facts, questions)` of each task; every paragraph is about one country of one task, drawn at random.
+    """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -141,10 +195,12 @@ def pretrain(world: dict, tokenizer, rng: random.Random, seed: int, steps: int, 
     model = AutoModelForCausalLM.from_config(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    countries = sorted(world)
     model.train()
     for step in range(steps):
-        texts = [fact_paragraph(world, rng.choice(countries), rng) + tokenizer.eos_token for _ in range(batch_size)]
+        texts = []
+        for _ in range(batch_size):
+            facts, questions = rng.choice(worlds)
+            texts.append(fact_paragraph(facts, questions, rng.choice(sorted(facts)), rng) + tokenizer.eos_token)
         batch = tokenizer(texts, padding=True, return_tensors="pt")
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
@@ -165,25 +221,39 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     rng = random.Random(args.seed)
-    world = make_world(rng)
-    train_rows = make_rows(world, rng, NUM_TRAIN)
-    eval_rows = make_rows(world, rng, NUM_EVAL)
-    data_dir = args.out / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train_rows), ("eval", eval_rows)):
-        with open(data_dir / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-
+    tasks = make_tasks(rng)
     from trl_qaloss.data import format_qas
 
-    formatted = [format_qas(row, i) for i, row in enumerate(train_rows)]
-    corpus = [fact_paragraph(world, c, rng) for c in sorted(world) for _ in range(5)]
-    tokenizer = make_tokenizer(corpus + [r["prompt"] + r["completion"] for r in formatted])
-    model = pretrain(world, tokenizer, rng, args.seed, args.pretrain_steps)
+    texts = []
+    for directory, (facts, questions, rows) in tasks.items():
+        write_split(args.out / directory, "train", rows[:NUM_TRAIN])
+        write_split(args.out / directory, "eval", rows[NUM_TRAIN:])
+        texts += [fact_paragraph(facts, questions, c, rng) for c in sorted(facts) for _ in range(5)]
+        texts += [r["prompt"] + r["completion"] for r in (format_qas(row, i) for i, row in enumerate(rows[:NUM_TRAIN]))]
+    tokenizer = make_tokenizer(texts)
+    worlds = [(facts, questions) for facts, questions, _ in tasks.values()]
+    model = pretrain(worlds, tokenizer, rng, args.seed, args.pretrain_steps)
     model_dir = args.out / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    print(f"wrote {len(train_rows)} train rows, {len(eval_rows)} eval rows, the tokenizer and the model to {args.out}")
+    print(f"wrote {NUM_TRAIN} train and {NUM_EVAL} eval rows of each task ({', '.join(tasks)}), the tokenizer and the "
+          f"model to {args.out}")  # fmt: skip
+
+
+def make_tasks(rng: random.Random) -> dict[str, tuple[dict, dict[str, str], list[dict]]]:
+    """`{data directory: (facts, questions, rows)}` of both tasks; the first `NUM_TRAIN` rows train, the rest eval."""
+    world = make_world(rng)
+    hard_world = make_hard_world(world, rng)
+    tasks = {}
+    for directory, facts, questions in (("data", world, QUESTIONS), ("data_hard", hard_world, HARD_QUESTIONS)):
+        tasks[directory] = (facts, questions, make_rows(facts, questions, rng, NUM_TRAIN + NUM_EVAL))
+    return tasks
+
+
+def write_split(directory: Path, split: str, rows: list[dict]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f"{split}.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 if __name__ == "__main__":
