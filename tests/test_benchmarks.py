@@ -144,8 +144,22 @@ def test_set_vs_sft_benchmark_runs_every_task_and_budget_at_tiny_sizes(tmp_path)
     """`benchmarks/set_vs_sft.py` end to end at 4 steps: both tasks, both budgets, its table, plot and JSON."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "bench"
-    command = [sys.executable, str(ROOT / "benchmarks" / "set_vs_sft.py"), "--quick", "--max_steps", "4", "--eval_rows",
-               "4", "--methods", "plain SFT", "set loss", "--workers", "1", "--out", str(out)]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "set_vs_sft.py"),
+        "--quick",
+        "--max_steps",
+        "4",
+        "--eval_rows",
+        "4",
+        "--methods",
+        "plain SFT",
+        "set loss",
+        "--workers",
+        "1",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = (tmp_path / "bench.md").read_text()

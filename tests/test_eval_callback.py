@@ -12,8 +12,16 @@ from datasets import Dataset
 from tests.testing_utils import CHAT_TEMPLATE, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer, QASetEvalCallback, answer_set_scores
 
-KEYS = ("set_f1", "set_precision", "set_recall", "soft_f1", "exact_set_match", "duplicate_rate", "cardinality_error",
-        "parse_failures")  # fmt: skip
+KEYS = (
+    "set_f1",
+    "set_precision",
+    "set_recall",
+    "soft_f1",
+    "exact_set_match",
+    "duplicate_rate",
+    "cardinality_error",
+    "parse_failures",
+)
 
 
 def eval_dataset():
@@ -157,9 +165,13 @@ def test_errors(tokenizer, tmp_path):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("eval_generate_samples", -1), ("eval_max_new_tokens", 0), ("eval_generate_batch_size", 0),
-     ("eval_match_questions", "order")],
-)  # fmt: skip
+    [
+        ("eval_generate_samples", -1),
+        ("eval_max_new_tokens", 0),
+        ("eval_generate_batch_size", 0),
+        ("eval_match_questions", "order"),
+    ],
+)
 def test_config_validation(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         qa_config(tmp_path, **{field: value})

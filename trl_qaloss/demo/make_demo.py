@@ -51,8 +51,11 @@ HARD_QUESTIONS = {
 }
 HARD_ANSWERS = (5, 8)  # answers per question of the hard task
 TOWN_PREFIXES = ["new", "port", "san", "upper"]
-GOODS = [f"{a} {b}" for a in ("red", "dry", "raw", "fine", "black", "salt")
-         for b in ("wine", "tea", "fish", "figs", "silk", "wool", "clay", "rice")]  # fmt: skip
+GOODS = [
+    f"{a} {b}"
+    for a in ("red", "dry", "raw", "fine", "black", "salt")
+    for b in ("wine", "tea", "fish", "figs", "silk", "wool", "clay", "rice")
+]
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<eos>", "<QA>", "<A>"]
 MODEL_CONFIG = dict(
     hidden_size=128,
@@ -175,8 +178,9 @@ def make_tokenizer(texts: list[str]):
     )
 
 
-def pretrain(worlds: list[tuple[dict, dict]], tokenizer, rng: random.Random, seed: int, steps: int,
-             batch_size: int = 32):  # fmt: skip
+def pretrain(
+    worlds: list[tuple[dict, dict]], tokenizer, rng: random.Random, seed: int, steps: int, batch_size: int = 32
+):
     """Full fine-tuning of a fresh tiny Llama on plain-text fact paragraphs (causal LM loss).
 
     `worlds`: `(facts, questions)` of each task; every paragraph is about one country of one task, drawn at random.
@@ -236,8 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = args.out / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    print(f"wrote {NUM_TRAIN} train and {NUM_EVAL} eval rows of each task ({', '.join(tasks)}), the tokenizer and the "
-          f"model to {args.out}")  # fmt: skip
+    print(
+        f"wrote {NUM_TRAIN} train and {NUM_EVAL} eval rows of each task ({', '.join(tasks)}), the tokenizer and the "
+        f"model to {args.out}"
+    )
 
 
 def make_tasks(rng: random.Random) -> dict[str, tuple[dict, dict[str, str], list[dict]]]:
