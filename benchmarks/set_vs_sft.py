@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import platform
 import statistics
 import tempfile
 import time
@@ -223,18 +224,20 @@ def run(job: Job, settings: dict) -> dict:
 
 def _run_in_worker(item: tuple[Job, dict]) -> dict:
     torch.set_num_threads(1)  # the tiny model runs fastest on one thread; the workers share the cores
-    return run(*item)
+    # Step times compare only within a machine (see add_step_time_ratios).
+    return {**run(*item), "machine": platform.node()}
 
 
 def add_step_time_ratios(results: list[dict]) -> None:
-    """`step_time_ratio`: a run's mean step time over plain SFT's in the same task, budget and seed."""
+    """`step_time_ratio`: a run's mean step time over plain SFT's in the same task, budget and seed, on the same
+    machine (NaN, left out of the means, when the two ran on different machines)."""
     baseline = {
-        (r["job"]["task"], r["job"]["budget"], r["job"]["seed"]): r["final"]["step_seconds"]
+        (r["job"]["task"], r["job"]["budget"], r["job"]["seed"], r.get("machine")): r["final"]["step_seconds"]
         for r in results
         if r["job"]["method"] == BASELINE
     }
     for r in results:
-        key = (r["job"]["task"], r["job"]["budget"], r["job"]["seed"])
+        key = (r["job"]["task"], r["job"]["budget"], r["job"]["seed"], r.get("machine"))
         r["final"]["step_time_ratio"] = r["final"]["step_seconds"] / baseline[key] if key in baseline else float("nan")
 
 
@@ -258,8 +261,8 @@ def results_table(results: list[dict], task: str, budget: str, methods: list[str
         runs = select(results, task=task, budget=budget, method=method)
         cells = []
         for key, _, fmt, _ in METRICS:
-            values = [r["final"][key] for r in runs]
-            cell = mean_std(values, fmt)
+            values = [r["final"][key] for r in runs if r["final"][key] == r["final"][key]]  # NaN: not comparable
+            cell = mean_std(values, fmt) if values else "n/a"
             if method != BASELINE and key != "step_time_ratio" and baseline:
                 diffs = [r["final"][key] - baseline[r["job"]["seed"]][key] for r in runs]
                 cell += f" ({mean_std(diffs, fmt, signed=True)})"
@@ -366,6 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval_rows", type=int, default=80, help="held-out rows measured (of 80)")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
     parser.add_argument(
+        "--resume", type=Path, default=None, help="keep the finished runs of a <out>.runs.jsonl and do the others"
+    )
+    parser.add_argument(
         "--report_from", type=Path, default=None, help="write the report from a <out>.runs.jsonl of finished runs"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "set_vs_sft")
@@ -386,10 +392,15 @@ def main(argv: list[str] | None = None) -> None:
         results = [json.loads(line) for line in args.report_from.read_text().splitlines() if line.strip()]
         methods = [m for m in methods if any(r["job"]["method"] == m for r in results)]
     else:
-        jobs = make_jobs(args, methods)
         results = []
+        if args.resume:  # runs finished earlier (their <out>.runs.jsonl) are kept, not run again
+            results = [json.loads(line) for line in args.resume.read_text().splitlines() if line.strip()]
+        done = {tuple(r["job"][k] for k in ("task", "budget", "seed", "method")) for r in results}
+        jobs = [job for job in make_jobs(args, methods) if (job.task, job.budget, job.seed, job.method) not in done]
         # Each finished run is saved at once, so a run cut short keeps what it finished (see --report_from).
         with runs_file.open("w") as saved, multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            for result in results:
+                saved.write(json.dumps(result) + "\n")
             for result in pool.imap_unordered(_run_in_worker, [(job, settings) for job in jobs], chunksize=1):
                 results.append(result)
                 saved.write(json.dumps(result) + "\n")
