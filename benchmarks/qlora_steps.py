@@ -56,9 +56,16 @@ DEMO_ROWS = ROOT / "trl_qaloss" / "demo" / "data" / "train.jsonl"
 GIB = 1 << 30
 # --tiny: the architecture of --model-config at test size; the recipe's batch size and settings are kept.
 TINY_MODEL = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=1024, max_position_embeddings=256, bos_token_id=None, eos_token_id=2,
-)  # fmt: skip
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1024,
+    max_position_embeddings=256,
+    bos_token_id=None,
+    eos_token_id=2,
+)
 TINY_MAX_LENGTH = 128
 
 
@@ -193,9 +200,13 @@ def measure_run(model, name: str, overrides: dict, run_args, train_dataset, toke
     trainer = None
     try:
         trainer = QALossSFTTrainer(
-            model=model, args=run_args, train_dataset=train_dataset, processing_class=tokenizer,
-            peft_config=peft_config if not hasattr(model, "peft_config") else None, callbacks=[meter],
-        )  # fmt: skip
+            model=model,
+            args=run_args,
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config if not hasattr(model, "peft_config") else None,
+            callbacks=[meter],
+        )
         trainer.train()
         run.update(meter.summary(warmup))
         run["logged"] = last_logged(trainer.state.log_history, "loss", "ce_loss", "set_loss")
@@ -283,9 +294,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--checkpoint-dir", type=Path,
+        "--checkpoint-dir",
+        type=Path,
         help="write the random 4-bit weights there and load them from the files (default: from memory)",
-    )  # fmt: skip
+    )
     parser.add_argument("--out", type=Path, required=True, help="JSON results; the Markdown table goes next to it")
     parser.add_argument("recipe_flags", nargs="*", help="after --: more `--field value` flags for the recipe")
     args = parser.parse_args(argv)
@@ -300,12 +312,36 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.warmup + args.steps
 
     def recipe_args(overrides: dict):
-        flags = ["--config", args.recipe, "--model_name_or_path", str(args.model_config),
-                 "--dataset_name", str(work / "rows.jsonl"), "--output_dir", str(work / "out"),
-                 "--max_steps", str(steps), "--gradient_accumulation_steps", str(args.gradient_accumulation_steps),
-                 "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
-                 "--disable_tqdm", "true", "--include_num_input_tokens_seen", "true",
-                 "--dataloader_num_workers", "0", "--seed", str(args.seed)]  # fmt: skip
+        flags = [
+            "--config",
+            args.recipe,
+            "--model_name_or_path",
+            str(args.model_config),
+            "--dataset_name",
+            str(work / "rows.jsonl"),
+            "--output_dir",
+            str(work / "out"),
+            "--max_steps",
+            str(steps),
+            "--gradient_accumulation_steps",
+            str(args.gradient_accumulation_steps),
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--eval_strategy",
+            "no",
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "true",
+            "--include_num_input_tokens_seen",
+            "true",
+            "--dataloader_num_workers",
+            "0",
+            "--seed",
+            str(args.seed),
+        ]
         if args.tiny or args.max_length:
             flags += ["--max_length", str(args.max_length or TINY_MAX_LENGTH)]
         if device.type == "cpu":
@@ -333,18 +369,28 @@ def main(argv: list[str] | None = None) -> dict:
     model_name = Path(args.model_config).stem + (" (tiny)" if args.tiny else "")
     report = dict(
         meta=dict(
-            model=model_name, recipe=Path(args.recipe).name, device=device_name(device),
-            started=f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", draw_s=draw_s, load_s=load_s,
+            model=model_name,
+            recipe=Path(args.recipe).name,
+            device=device_name(device),
+            started=f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+            draw_s=draw_s,
+            load_s=load_s,
             loaded_from=loaded_from,
             loaded_allocated_gib=torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None,
             per_device_train_batch_size=training_args.per_device_train_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps, max_length=training_args.max_length,
-            warmup=args.warmup, steps=args.steps, parameters=sum(p.numel() for p in model.parameters()),
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            max_length=training_args.max_length,
+            warmup=args.warmup,
+            steps=args.steps,
+            parameters=sum(p.numel() for p in model.parameters()),
         ),
         runs=[],
-    )  # fmt: skip
-    print(f"model {model_name} ready at {time.perf_counter() - started:.0f} s (draw {draw_s:.0f} s, load "
-          f"{load_s:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+    )
+    print(
+        f"model {model_name} ready at {time.perf_counter() - started:.0f} s (draw {draw_s:.0f} s, load {load_s:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
 
     settings = run_settings(training_args)
     if args.runs:  # in the order given; "recipe" also names "recipe (answer_order=...)"

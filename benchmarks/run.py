@@ -5,7 +5,7 @@
     python benchmarks/run.py --check-gpu-path  # the --gpu code path at tiny sizes on the CPU (a smoke run)
 
 1. Loss alone, on the same logits and labels: `set_matching_loss` (vectorized), `set_matching_loss_reference` (the
-   seed's naive loop) and one `F.cross_entropy` over the same logits (Hugging Face's causal-LM loss: every row of
+   plain per-row loops) and one `F.cross_entropy` over the same logits (Hugging Face's causal-LM loss: every row of
    `logits.view(-1, V)`, labels shifted by padding, so no copy of the logits before it), forward and forward +
    backward. Rows hold realistic completions (a masked prompt, then items of 2-6 answers); the logits' argmax spells
    the target with its answers shuffled inside each item and 10% of tokens replaced, so most pairs are matched and
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # trl_qaloss and the tests' offline fixtures, without installing
 
-from tests.conftest import build_tokenizer, config_values, qa_text, tiny_llama  # noqa: E402
+from tests.testing_utils import build_tokenizer, config_values, qa_text, tiny_llama  # noqa: E402
 from trl_qaloss import QASeparators, set_matching_loss  # noqa: E402
 from trl_qaloss.logprobs import rows_view, vocab_stats  # noqa: E402
 from trl_qaloss.reference import set_matching_loss_reference  # noqa: E402
@@ -61,10 +61,17 @@ STAGES = {
 }
 # Llama-3.1-8B's config.json (the architecture only: the weights are random, no hub access is needed).
 LLAMA_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=8192,
     tie_word_embeddings=False,
-)  # fmt: skip
+)
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -273,9 +280,12 @@ def bench_step(name: str, load_model, tokenizer, args_values: dict, peft_config,
     ):
         with tempfile.TemporaryDirectory() as out:
             trainer = trainer_cls(
-                model=load_model(), args=config_cls(**dict(args_values, output_dir=out)), train_dataset=dataset,
-                processing_class=tokenizer, peft_config=copy.deepcopy(peft_config),
-            )  # fmt: skip
+                model=load_model(),
+                args=config_cls(**dict(args_values, output_dir=out)),
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                peft_config=copy.deepcopy(peft_config),
+            )
             if batch is None:  # the same batch for both
                 batch = next(iter(trainer.get_train_dataloader()))
                 batch = {k: v.to(trainer.args.device) for k, v in batch.items()}
@@ -289,10 +299,16 @@ def bench_step(name: str, load_model, tokenizer, args_values: dict, peft_config,
             seconds = timed(step, repeats, device)
             shares = stage_shares(step)
             rows.append(
-                dict(model=name, trainer=label, shape=tuple(batch["input_ids"].shape), time=seconds, mem=extra,
-                     loss_share=sum(v for k, v in shares.items() if k != "other"),
-                     set_share=sum(shares[k] for k in ("parsing", "IoU", "assignment")))
-            )  # fmt: skip
+                dict(
+                    model=name,
+                    trainer=label,
+                    shape=tuple(batch["input_ids"].shape),
+                    time=seconds,
+                    mem=extra,
+                    loss_share=sum(v for k, v in shares.items() if k != "other"),
+                    set_share=sum(shares[k] for k in ("parsing", "IoU", "assignment")),
+                )
+            )
             del trainer, step
             gc.collect()
             if device.type == "cuda":
@@ -306,10 +322,18 @@ def small_llama():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=1,
-        eos_token_id=2, bos_token_id=None,
-    )  # fmt: skip
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=1,
+        eos_token_id=2,
+        bos_token_id=None,
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -320,13 +344,23 @@ def cpu_step_benchmarks(args) -> list[dict]:
     )
     rows = bench_step(
         "tiny Llama (tests: hidden 32, 2 layers, V=600)",
-        lambda: tiny_llama(len(tokenizer)), tokenizer, values, None, torch.device("cpu"), args.step_repeats,
-    )  # fmt: skip
+        lambda: tiny_llama(len(tokenizer)),
+        tokenizer,
+        values,
+        None,
+        torch.device("cpu"),
+        args.step_repeats,
+    )
 
     return rows + bench_step(
-        "small Llama (hidden 256, 4 layers, V=32000)", small_llama, tokenizer, values, None, torch.device("cpu"),
+        "small Llama (hidden 256, 4 layers, V=32000)",
+        small_llama,
+        tokenizer,
+        values,
+        None,
+        torch.device("cpu"),
         args.step_repeats,
-    )  # fmt: skip
+    )
 
 
 def quantized_step_benchmarks(args, device: torch.device, model_config: dict, batch: int, length: int) -> list[dict]:
@@ -341,18 +375,26 @@ def quantized_step_benchmarks(args, device: torch.device, model_config: dict, ba
     config = LlamaConfig(**model_config, pad_token_id=1, eos_token_id=2, bos_token_id=None)
     config.architectures = ["LlamaForCausalLM"]
     quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
-    )  # fmt: skip
+    )
 
     def load():
         # Random weights drawn and quantized one at a time on the device: no 16 GB bf16 checkpoint is written.
         return load_random_4bit(config, quantization, device, dtype=compute_dtype)[0]
 
     values = config_values(
-        "unused", per_device_train_batch_size=batch, max_length=length, bf16=True, logging_steps=1000,
-        max_steps=1, use_cpu=device.type == "cpu", activation_checkpointing=True,
-    )  # fmt: skip
+        "unused",
+        per_device_train_batch_size=batch,
+        max_length=length,
+        bf16=True,
+        logging_steps=1000,
+        max_steps=1,
+        use_cpu=device.type == "cpu",
+        activation_checkpointing=True,
+    )
     peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     name = f"Llama {model_config['hidden_size']}x{model_config['num_hidden_layers']}, 4-bit nf4 + LoRA r=16"
     return bench_step(name, load, tokenizer, values, peft_config, device, args.step_repeats)
@@ -420,7 +462,7 @@ def step_table(rows: list[dict]) -> list[str]:
 
 
 def targets(loss_rows: list[dict], step_rows: list[dict], fixed: tuple[int, int, int]) -> list[str]:
-    """Each target of the issue next to the figure measured in this run."""
+    """Each speed and memory target next to the figure measured in this run."""
     lines = ["| target | measured | met |", "|---|---|---|"]
 
     def find(size, mode):
@@ -430,13 +472,17 @@ def targets(loss_rows: list[dict], step_rows: list[dict], fixed: tuple[int, int,
         r = find(fixed, mode)
         if r and "skipped" not in r and r["naive"] is not None:
             speedup = r["naive"] / r["vectorized"]
-            lines.append(f"| vectorized >= 50x faster than naive, B,T,V={fixed}, {mode} | {speedup:.1f}x | "
-                         f"{'yes' if speedup >= 50 else 'no'} |")  # fmt: skip
+            lines.append(
+                f"| vectorized >= 50x faster than naive, B,T,V={fixed}, {mode} | {speedup:.1f}x | "
+                f"{'yes' if speedup >= 50 else 'no'} |"
+            )
     long_rows = [r for r in loss_rows if r["T"] >= 1024 and "skipped" not in r]
     for r in long_rows:
         ratio = r["vectorized"] / r["cross_entropy"]
-        lines.append(f"| set loss <= 1.5x `F.cross_entropy`, B,T,V=({r['B']}, {r['T']}, {r['V']}), {r['mode']} | "
-                     f"{ratio:.2f}x | {'yes' if ratio <= 1.5 else 'no'} |")  # fmt: skip
+        lines.append(
+            f"| set loss <= 1.5x `F.cross_entropy`, B,T,V=({r['B']}, {r['T']}, {r['V']}), {r['mode']} | "
+            f"{ratio:.2f}x | {'yes' if ratio <= 1.5 else 'no'} |"
+        )
     measured = [r for r in loss_rows if r.get("vectorized_mem") is not None]
     if measured:
         worst = max(measured, key=lambda r: r["vectorized_mem"])
@@ -448,12 +494,16 @@ def targets(loss_rows: list[dict], step_rows: list[dict], fixed: tuple[int, int,
     for plain, ours in zip(step_rows[::2], step_rows[1::2], strict=True):
         limit = 0.05 if "4-bit" in ours["model"] else 0.15
         time_over = ours["time"] / plain["time"] - 1
-        lines.append(f"| step time overhead <= {limit:.0%}, {ours['model']} | {time_over:+.0%} | "
-                     f"{'yes' if time_over <= limit else 'no'} |")  # fmt: skip
+        lines.append(
+            f"| step time overhead <= {limit:.0%}, {ours['model']} | {time_over:+.0%} | "
+            f"{'yes' if time_over <= limit else 'no'} |"
+        )
         if None not in (ours["mem"], plain["mem"]):
             mem_over = ours["mem"] / max(plain["mem"], 1) - 1
-            lines.append(f"| step peak memory overhead <= {limit:.0%}, {ours['model']} | {mem_over:+.0%} | "
-                         f"{'yes' if mem_over <= limit else 'no'} |")  # fmt: skip
+            lines.append(
+                f"| step peak memory overhead <= {limit:.0%}, {ours['model']} | {mem_over:+.0%} | "
+                f"{'yes' if mem_over <= limit else 'no'} |"
+            )
     return lines
 
 
@@ -480,17 +530,22 @@ def main() -> None:
     parser.add_argument("--step-repeats", type=int, default=3, help="timed training steps per trainer")
     parser.add_argument("--memory-budget-gib", type=float, default=6.0, help="CPU sizes needing more are skipped")
     parser.add_argument(
-        "--naive-backward-max-mib", type=float, default=None,
+        "--naive-backward-max-mib",
+        type=float,
+        default=None,
         help="largest logits (MiB) at which the naive backward runs (default: 200 on CPU, no limit on CUDA)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch CPU threads (default 1: on a shared machine, multi-threaded small ops mostly wait on each other)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--output", type=Path,
+        "--output",
+        type=Path,
         help="where the tables go (default: benchmarks/RESULTS.md; with --check-gpu-path, nowhere unless given)",
-    )  # fmt: skip
+    )
     parser.add_argument("--append", action="store_true", help="append the tables to --output instead of replacing it")
     args = parser.parse_args()
 
@@ -516,8 +571,15 @@ def main() -> None:
         if args.gpu:
             step_rows = quantized_step_benchmarks(args, device, LLAMA_8B, batch=4, length=1024)
         elif args.check_gpu_path:
-            tiny = dict(LLAMA_8B, vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+            tiny = dict(
+                LLAMA_8B,
+                vocab_size=1000,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
             step_rows = quantized_step_benchmarks(args, device, tiny, batch=2, length=128)
         else:
             step_rows = cpu_step_benchmarks(args)
@@ -535,8 +597,11 @@ def main() -> None:
         "",
     ]
     if loss_rows:
-        lines += [f"## Loss alone ({str(dtype).replace('torch.', '')} logits; medians of {args.repeats} forward and "
-                  f"{args.repeats_backward} forward+backward calls)", ""]  # fmt: skip
+        lines += [
+            f"## Loss alone ({str(dtype).replace('torch.', '')} logits; medians of {args.repeats} forward and "
+            f"{args.repeats_backward} forward+backward calls)",
+            "",
+        ]
         lines += loss_tables(loss_rows)
         stats = next((r["stats"] for r in loss_rows if (r["B"], r["T"], r["V"]) == fixed and "stats" in r), None)
         if stats:

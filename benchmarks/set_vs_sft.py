@@ -113,11 +113,13 @@ def heldout_batches(tokenizer, rows, batch_size: int) -> list[dict[str, torch.Te
             ids.append(torch.tensor(prompt + completion))
             labels.append(torch.tensor([-100] * len(prompt) + completion))
         input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id)
-        batches.append({
-            "input_ids": input_ids,
-            "attention_mask": torch.nn.utils.rnn.pad_sequence([torch.ones_like(i) for i in ids], batch_first=True),
-            "labels": torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100),
-        })  # fmt: skip
+        batches.append(
+            {
+                "input_ids": input_ids,
+                "attention_mask": torch.nn.utils.rnn.pad_sequence([torch.ones_like(i) for i in ids], batch_first=True),
+                "labels": torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100),
+            }
+        )
     return batches
 
 
@@ -166,17 +168,37 @@ def run(job: Job, settings: dict) -> dict:
     heldout = data["test"].select(range(settings["eval_rows"]))
     with tempfile.TemporaryDirectory() as out_dir:
         config = QALossConfig(
-            output_dir=out_dir, seed=job.seed, data_seed=job.seed, answer_order=answer_order, lambda_ce=1.0,
-            lambda_set=lambda_set, max_steps=job.max_steps, per_device_train_batch_size=settings["batch_size"],
-            learning_rate=settings["learning_rate"], lr_scheduler_type="cosine", warmup_steps=job.max_steps // 20,
-            weight_decay=0.0, max_length=task.max_length, eval_strategy="steps",
-            eval_steps=max(job.max_steps // job.evals, 1), per_device_eval_batch_size=40,
-            eval_generate_samples=len(heldout), eval_generate_batch_size=40, eval_max_new_tokens=task.max_new_tokens,
-            logging_steps=max(job.max_steps // 24, 1), save_strategy="no", report_to=[], use_cpu=True, bf16=False,
-            activation_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True,
-        )  # fmt: skip
-        trainer = QALossSFTTrainer(model=model, args=config, train_dataset=data["train"], eval_dataset=heldout,
-                                   processing_class=tokenizer)  # fmt: skip
+            output_dir=out_dir,
+            seed=job.seed,
+            data_seed=job.seed,
+            answer_order=answer_order,
+            lambda_ce=1.0,
+            lambda_set=lambda_set,
+            max_steps=job.max_steps,
+            per_device_train_batch_size=settings["batch_size"],
+            learning_rate=settings["learning_rate"],
+            lr_scheduler_type="cosine",
+            warmup_steps=job.max_steps // 20,
+            weight_decay=0.0,
+            max_length=task.max_length,
+            eval_strategy="steps",
+            eval_steps=max(job.max_steps // job.evals, 1),
+            per_device_eval_batch_size=40,
+            eval_generate_samples=len(heldout),
+            eval_generate_batch_size=40,
+            eval_max_new_tokens=task.max_new_tokens,
+            logging_steps=max(job.max_steps // 24, 1),
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            activation_checkpointing=False,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = QALossSFTTrainer(
+            model=model, args=config, train_dataset=data["train"], eval_dataset=heldout, processing_class=tokenizer
+        )
         cross_entropy = HeldOutCrossEntropy(trainer, heldout_batches(tokenizer, heldout, 40))
         timer = StepTimer()
         trainer.add_callback(cross_entropy)
@@ -192,10 +214,13 @@ def run(job: Job, settings: dict) -> dict:
     step_seconds = statistics.mean(timer.seconds[min(5, len(timer.seconds) - 1) :])
     final = {key: values[-1] for key, values in curves.items() if key != "step"}
     final["step_seconds"] = step_seconds
-    print(f"{job.task:>9} {job.budget:>4} seed {job.seed} {job.method:>18}: "
-          f"exact-set {final['eval_exact_set_match']:.3f}  set-F1 {final['eval_set_f1']:.3f}  "
-          f"dup {final['eval_duplicate_rate']:.3f}  CE {final['heldout_ce']:.4f}"
-          f"  step {1000 * step_seconds:.0f} ms  ({seconds:.0f} s)", flush=True)  # fmt: skip
+    print(
+        f"{job.task:>9} {job.budget:>4} seed {job.seed} {job.method:>18}: "
+        f"exact-set {final['eval_exact_set_match']:.3f}  set-F1 {final['eval_set_f1']:.3f}  "
+        f"dup {final['eval_duplicate_rate']:.3f}  CE {final['heldout_ce']:.4f}"
+        f"  step {1000 * step_seconds:.0f} ms  ({seconds:.0f} s)",
+        flush=True,
+    )
     return {"job": job.__dict__, "final": final, "curves": curves, "seconds": seconds}
 
 
@@ -261,8 +286,11 @@ def write_report(results: list[dict], args: argparse.Namespace, methods: list[st
             lines += ["", f"**{task}, {budget} budget ({steps[budget]} steps)**", ""]
             lines += results_table(results, task, budget, methods)
     run_times = [r["seconds"] for r in results]
-    lines += ["", f"Wall time: {wall / 60:.1f} min for {len(results)} runs on {args.workers} worker processes "
-              f"({statistics.mean(run_times):.0f} s per run on average, training and evaluations)."]  # fmt: skip
+    lines += [
+        "",
+        f"Wall time: {wall / 60:.1f} min for {len(results)} runs on {args.workers} worker processes "
+        f"({statistics.mean(run_times):.0f} s per run on average, training and evaluations).",
+    ]
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -325,9 +353,12 @@ def check_methods(methods: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="a few minutes: seed 0, 40 steps (10 low), 2 evaluations of 20 held-out rows, "
-                        "written to set_vs_sft_quick.*")  # fmt: skip
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few minutes: seed 0, 40 steps (10 low), 2 evaluations of 20 held-out rows, "
+        "written to set_vs_sft_quick.*",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"a subset of {list(METHODS)}")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -347,8 +378,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "set_vs_sft")
     if parser.parse_known_args(argv)[0].quick:  # its sizes are defaults: flags given with --quick still win
-        parser.set_defaults(seeds=[0], max_steps=40, evals=2, eval_rows=20, out=parser.get_default("out").with_name(
-            "set_vs_sft_quick"))  # fmt: skip
+        parser.set_defaults(
+            seeds=[0], max_steps=40, evals=2, eval_rows=20, out=parser.get_default("out").with_name("set_vs_sft_quick")
+        )
     args = parser.parse_args(argv)
     check_methods(args.methods)
     methods = [m for m in METHODS if m in args.methods]
@@ -377,8 +409,11 @@ def main(argv: list[str] | None = None) -> None:
                 saved.flush()
     wall = time.perf_counter() - start
     add_step_time_ratios(results)
-    args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                         "wall_seconds": wall, "runs": results}, indent=1))  # fmt: skip
+    args.out.with_suffix(".json").write_text(
+        json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "wall_seconds": wall, "runs": results}, indent=1
+        )
+    )
     write_report(results, args, methods, wall, args.out.with_suffix(".md"))
     plot(results, methods, args, args.out.with_suffix(".png"))
     print(f"wrote {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')} and {args.out.with_suffix('.json')}")

@@ -42,22 +42,44 @@ def make_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special, initial_alphabet=alphabet)
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
-                                   additional_special_tokens=["<QA>", "<A>"])  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<eos>",
+        additional_special_tokens=["<QA>", "<A>"],
+    )
 
 
 def main() -> None:
     rows = make_rows(64)
     tokenizer = make_tokenizer([r["prompt"] + r["completion"] for r in rows])
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     model = AutoModelForCausalLM.from_config(config)
     args = QALossConfig(
-        output_dir=tempfile.mkdtemp(prefix="qaloss-demo-"), lambda_ce=1.0, lambda_set=1.0, max_steps=120,
-        per_device_train_batch_size=8, learning_rate=5e-3, logging_steps=20, use_cpu=True, bf16=False,
-        activation_checkpointing=False, report_to=[], save_strategy="no",
-    )  # fmt: skip
+        output_dir=tempfile.mkdtemp(prefix="qaloss-demo-"),
+        lambda_ce=1.0,
+        lambda_set=1.0,
+        max_steps=120,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        logging_steps=20,
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+    )
     trainer = QALossSFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
@@ -65,8 +87,10 @@ def main() -> None:
     print("step  ce_loss  set_loss  set/mean_iou  set/missing")
     for log in trainer.state.log_history:
         if "set_loss" in log:
-            print(f"{log['step']:>4}  {log['ce_loss']:7.3f}  {log['set_loss']:8.3f}  {log['set/mean_iou']:12.3f}"
-                  f"  {log['set/missing']:11.1f}")  # fmt: skip
+            print(
+                f"{log['step']:>4}  {log['ce_loss']:7.3f}  {log['set_loss']:8.3f}  {log['set/mean_iou']:12.3f}"
+                f"  {log['set/missing']:11.1f}"
+            )
 
 
 if __name__ == "__main__":

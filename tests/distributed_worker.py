@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from tests.conftest import build_tokenizer, qa_config, qa_dataset, tiny_llama
+from tests.testing_utils import build_tokenizer, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer
 
 GLOBAL_BATCH = 8
@@ -53,12 +53,21 @@ def train_one_step(out_dir, world_size: int = 1, accumulation: int = 1, **overri
     """`(logged loss, {name: gradient})` of one step on the first `GLOBAL_BATCH` rows (sequential order)."""
     tokenizer = build_tokenizer()
     args = qa_config(
-        out_dir, per_device_train_batch_size=GLOBAL_BATCH // (world_size * accumulation),
-        gradient_accumulation_steps=accumulation, max_steps=1, max_grad_norm=0.0, **overrides,
-    )  # fmt: skip
+        out_dir,
+        per_device_train_batch_size=GLOBAL_BATCH // (world_size * accumulation),
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        max_grad_norm=0.0,
+        **overrides,
+    )
     keep = KeepGradients()
-    trainer = QALossSFTTrainer(model=copying_llama(len(tokenizer)), args=args, train_dataset=qa_dataset(GLOBAL_BATCH),
-                               processing_class=tokenizer, callbacks=[keep])  # fmt: skip
+    trainer = QALossSFTTrainer(
+        model=copying_llama(len(tokenizer)),
+        args=args,
+        train_dataset=qa_dataset(GLOBAL_BATCH),
+        processing_class=tokenizer,
+        callbacks=[keep],
+    )
     trainer.train()
     return trainer.state.log_history[0]["loss"], keep.grads, trainer
 

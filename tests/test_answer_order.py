@@ -9,9 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from tests.conftest import qa_text
-from tests.test_loss import random_batch
-from tests.test_robustness import PROFILE, SEPS, TOKENIZER, VOCAB, batches
+from tests.strategies import PROFILE, SEPS, TOKENIZER, VOCAB, batches
+from tests.testing_utils import qa_text, random_batch
 from trl_qaloss import reorder_answers, set_matching_loss
 from trl_qaloss.parsing import parse_row_answers
 from trl_qaloss.reference import reorder_answers_reference

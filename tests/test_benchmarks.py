@@ -34,9 +34,23 @@ def test_qlora_steps_runs_the_recipe_path_at_tiny_sizes_on_cpu(tmp_path):
     from benchmarks.qlora_steps import main
 
     out = tmp_path / "qlora.json"
-    argv = ["--recipe", str(ROOT / "recipes" / "qwen2.5-7b-instruct-qlora.yaml"), "--model-config",
-            str(ROOT / "benchmarks" / "configs" / "qwen2.5-7b.json"), "--tiny", "--device", "cpu",
-            "--warmup", "1", "--steps", "1", "--runs", "recipe,plain", "--out", str(out)]  # fmt: skip
+    argv = [
+        "--recipe",
+        str(ROOT / "recipes" / "qwen2.5-7b-instruct-qlora.yaml"),
+        "--model-config",
+        str(ROOT / "benchmarks" / "configs" / "qwen2.5-7b.json"),
+        "--tiny",
+        "--device",
+        "cpu",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--runs",
+        "recipe,plain",
+        "--out",
+        str(out),
+    ]
     report = main(argv)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert out.with_suffix(".md").read_text().count("\n| ") == 1 + len(report["runs"])  # the header and a row per run
@@ -97,9 +111,11 @@ def test_random_4bit_checkpoint_has_the_layout_transformers_writes_for_a_quantiz
 
     config = with_overrides(str(ROOT / "benchmarks" / "configs" / "qwen2.5-7b.json"), TINY_MODEL)
     quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
-    )  # fmt: skip
+    )
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     quantized_on_load = AutoModelForCausalLM.from_pretrained(
         tmp_path / "bf16", quantization_config=quantization, dtype=torch.bfloat16, device_map={"": "cpu"}
@@ -128,8 +144,22 @@ def test_set_vs_sft_benchmark_runs_every_task_and_budget_at_tiny_sizes(tmp_path)
     """`benchmarks/set_vs_sft.py` end to end at 4 steps: both tasks, both budgets, its table, plot and JSON."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "bench"
-    command = [sys.executable, str(ROOT / "benchmarks" / "set_vs_sft.py"), "--quick", "--max_steps", "4", "--eval_rows",
-               "4", "--methods", "plain SFT", "set loss", "--workers", "1", "--out", str(out)]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "set_vs_sft.py"),
+        "--quick",
+        "--max_steps",
+        "4",
+        "--eval_rows",
+        "4",
+        "--methods",
+        "plain SFT",
+        "set loss",
+        "--workers",
+        "1",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = (tmp_path / "bench.md").read_text()

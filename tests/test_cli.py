@@ -137,8 +137,19 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     # Without the recipe's final evaluation: on CPU, bitsandbytes' inference path rewrites the 4-bit weights' quant
     # state in place during that evaluation, so the in-memory model would no longer match a reload of the saved adapter.
-    args = parse_args(["--config", str(DEMO), "--output_dir", str(out), "--per_device_train_batch_size", "8", *SHORT,
-                       "--eval_strategy", "no"])  # fmt: skip
+    args = parse_args(
+        [
+            "--config",
+            str(DEMO),
+            "--output_dir",
+            str(out),
+            "--per_device_train_batch_size",
+            "8",
+            *SHORT,
+            "--eval_strategy",
+            "no",
+        ]
+    )
     trainer = train(*args)
     return trainer, out
 
@@ -171,8 +182,12 @@ def test_saved_adapter_reloads_onto_the_4bit_base_with_the_same_logits(demo_run)
     assert len(saved) == 28 and {t.dtype for t in saved.values()} == {torch.bfloat16}
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     batch = tokenizer(["Tell me about vobipol: its ruler. <QA> who rules vobipol? <A>"], return_tensors="pt")
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     base = AutoModelForCausalLM.from_pretrained(MODEL_DIR, quantization_config=quantization, dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, out).eval()
     # ... and PEFT loads them upcast to fp32; back in bf16 they compute exactly as during training.
@@ -194,12 +209,31 @@ def test_accelerate_launch_2_processes_matches_one_process(demo_run, tmp_path):
     trainer, _ = demo_run
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     ddp = str(ROOT / "recipes" / "accelerate" / "ddp.yaml")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ddp,
-           "--num_processes", "2", "--main_process_port", "29517", "-m", "trl_qaloss", "train", "--config", str(DEMO),
-           "--output_dir", str(tmp_path), "--per_device_train_batch_size", "4", *SHORT]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        ddp,
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29517",
+        "-m",
+        "trl_qaloss",
+        "train",
+        "--config",
+        str(DEMO),
+        "--output_dir",
+        str(tmp_path),
+        "--per_device_train_batch_size",
+        "4",
+        *SHORT,
+    ]
     # A session of its own, so that a hang kills the launcher's workers too, not only the launcher.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:

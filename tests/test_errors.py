@@ -7,7 +7,7 @@ import math
 import pytest
 from datasets import Dataset
 
-from tests.conftest import build_tokenizer, qa_config, qa_dataset, tiny_llama
+from tests.testing_utils import build_tokenizer, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer
 
 
@@ -38,9 +38,11 @@ def make_trainer(tmp_path):
     def make(dataset=None, tokenizer=tokenizer, **config):
         args = qa_config(tmp_path, **config)
         return QALossSFTTrainer(
-            model=tiny_llama(len(tokenizer)), args=args, train_dataset=qa_dataset(4) if dataset is None else dataset,
+            model=tiny_llama(len(tokenizer)),
+            args=args,
+            train_dataset=qa_dataset(4) if dataset is None else dataset,
             processing_class=tokenizer,
-        )  # fmt: skip
+        )
 
     return make
 
@@ -62,8 +64,16 @@ def test_compute_loss_func_is_refused(tmp_path):
     tokenizer = build_tokenizer()
     for positional, keyword in (((lambda *a, **k: 0.0,), {}), ((), {"compute_loss_func": lambda *a, **k: 0.0})):
         with pytest.raises(ValueError, match="compute_loss_func"):
-            QALossSFTTrainer(tiny_llama(len(tokenizer)), qa_config(tmp_path), None, qa_dataset(4), None, tokenizer,
-                             *positional, **keyword)  # fmt: skip
+            QALossSFTTrainer(
+                tiny_llama(len(tokenizer)),
+                qa_config(tmp_path),
+                None,
+                qa_dataset(4),
+                None,
+                tokenizer,
+                *positional,
+                **keyword,
+            )
 
 
 @pytest.mark.parametrize(
@@ -85,9 +95,12 @@ def test_eval_dataset_without_the_fields_it_needs(tmp_path):
     tokenizer = build_tokenizer()
     with pytest.raises(ValueError, match=r"`eval_dataset\['dev'\]` has a `prompt` column but no `completion`"):
         QALossSFTTrainer(
-            model=tiny_llama(len(tokenizer)), args=qa_config(tmp_path), train_dataset=qa_dataset(4),
-            eval_dataset={"dev": Dataset.from_list([{"prompt": "x"}])}, processing_class=tokenizer,
-        )  # fmt: skip
+            model=tiny_llama(len(tokenizer)),
+            args=qa_config(tmp_path),
+            train_dataset=qa_dataset(4),
+            eval_dataset={"dev": Dataset.from_list([{"prompt": "x"}])},
+            processing_class=tokenizer,
+        )
 
 
 def test_completions_without_items(make_trainer):
@@ -105,7 +118,7 @@ def test_items_without_question_end(make_trainer):
 
 def test_items_only_in_user_turns(make_trainer):
     """With `assistant_only_loss`, items in the user's turns are not targets."""
-    from tests.conftest import CHAT_TEMPLATE
+    from tests.testing_utils import CHAT_TEMPLATE
 
     tokenizer = build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE

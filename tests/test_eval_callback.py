@@ -9,11 +9,19 @@ import pytest
 import torch
 from datasets import Dataset
 
-from tests.conftest import CHAT_TEMPLATE, qa_config, qa_dataset, tiny_llama
+from tests.testing_utils import CHAT_TEMPLATE, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer, QASetEvalCallback, answer_set_scores
 
-KEYS = ("set_f1", "set_precision", "set_recall", "soft_f1", "exact_set_match", "duplicate_rate", "cardinality_error",
-        "parse_failures")  # fmt: skip
+KEYS = (
+    "set_f1",
+    "set_precision",
+    "set_recall",
+    "soft_f1",
+    "exact_set_match",
+    "duplicate_rate",
+    "cardinality_error",
+    "parse_failures",
+)
 
 
 def eval_dataset():
@@ -30,9 +38,12 @@ def eval_args(tmp_path, **overrides):
 def trainer(tokenizer, tmp_path_factory):
     args = eval_args(tmp_path_factory.mktemp("eval"), max_steps=2, eval_strategy="steps", eval_steps=2)
     return QALossSFTTrainer(
-        model=tiny_llama(len(tokenizer)), args=args, train_dataset=qa_dataset(8), eval_dataset=eval_dataset(),
+        model=tiny_llama(len(tokenizer)),
+        args=args,
+        train_dataset=qa_dataset(8),
+        eval_dataset=eval_dataset(),
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
 
 
 def eval_callback(trainer) -> QASetEvalCallback:
@@ -113,10 +124,13 @@ def test_peft_conversational_and_named_eval_datasets(tokenizer, tmp_path):
     ]
     eval_sets = {"a": Dataset.from_list(rows[:3]), "b": Dataset.from_list(rows[3:])}
     trainer = QALossSFTTrainer(
-        model=tiny_llama(len(tokenizer)), args=eval_args(tmp_path), train_dataset=Dataset.from_list(rows),
-        eval_dataset=eval_sets, processing_class=tokenizer,
+        model=tiny_llama(len(tokenizer)),
+        args=eval_args(tmp_path),
+        train_dataset=Dataset.from_list(rows),
+        eval_dataset=eval_sets,
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
-    )  # fmt: skip
+    )
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, QASetEvalCallback))
     prompts, _ = callback._samples(trainer.eval_dataset["a"])
     # Exactly the context the model is trained on: this template renders no header before an assistant turn, so the
@@ -131,23 +145,33 @@ def test_peft_conversational_and_named_eval_datasets(tokenizer, tmp_path):
 def test_errors(tokenizer, tmp_path):
     model = tiny_llama(len(tokenizer))
     with pytest.raises(ValueError, match="eval_dataset"):
-        QALossSFTTrainer(model=model, args=eval_args(tmp_path, eval_strategy="steps"), train_dataset=qa_dataset(4),
-                         processing_class=tokenizer)  # fmt: skip
+        QALossSFTTrainer(
+            model=model,
+            args=eval_args(tmp_path, eval_strategy="steps"),
+            train_dataset=qa_dataset(4),
+            processing_class=tokenizer,
+        )
     # Evaluation turned off altogether (a recipe run with `--eval_strategy no`): no callback, no error.
-    trainer = QALossSFTTrainer(model=model, args=eval_args(tmp_path), train_dataset=qa_dataset(4),
-                               processing_class=tokenizer)  # fmt: skip
+    trainer = QALossSFTTrainer(
+        model=model, args=eval_args(tmp_path), train_dataset=qa_dataset(4), processing_class=tokenizer
+    )
     assert not any(isinstance(cb, QASetEvalCallback) for cb in trainer.callback_handler.callbacks)
     text = Dataset.from_list([{"text": r["prompt"] + r["completion"]} for r in qa_dataset(4)])
     with pytest.raises(ValueError, match="no prompt"):
-        QALossSFTTrainer(model=model, args=eval_args(tmp_path), train_dataset=text, eval_dataset=text,
-                         processing_class=tokenizer)  # fmt: skip
+        QALossSFTTrainer(
+            model=model, args=eval_args(tmp_path), train_dataset=text, eval_dataset=text, processing_class=tokenizer
+        )
 
 
 @pytest.mark.parametrize(
     "field, value",
-    [("eval_generate_samples", -1), ("eval_max_new_tokens", 0), ("eval_generate_batch_size", 0),
-     ("eval_match_questions", "order")],
-)  # fmt: skip
+    [
+        ("eval_generate_samples", -1),
+        ("eval_max_new_tokens", 0),
+        ("eval_generate_batch_size", 0),
+        ("eval_match_questions", "order"),
+    ],
+)
 def test_config_validation(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         qa_config(tmp_path, **{field: value})

@@ -6,15 +6,16 @@ import json
 
 import pytest
 
-from tests.conftest import DEMO_RECIPE, SHORT_RUN, error_lines, run_cli
+from tests.testing_utils import DEMO_RECIPE, SHORT_RUN, error_lines, run_cli
 
 
 @pytest.fixture(scope="session")
 def demo_adapter(tmp_path_factory):
     """The demo recipe trained for 2 steps by the real command: the adapter's directory."""
     work = tmp_path_factory.mktemp("adapter")
-    result = run_cli("train", "--config", DEMO_RECIPE, "--output_dir", "adapter", *SHORT_RUN, "--eval_strategy", "no",
-                     cwd=work)  # fmt: skip
+    result = run_cli(
+        "train", "--config", DEMO_RECIPE, "--output_dir", "adapter", *SHORT_RUN, "--eval_strategy", "no", cwd=work
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return work / "adapter"
 
@@ -39,8 +40,20 @@ def test_generate_writes_one_line_per_prompt(demo_adapter, tmp_path):
     prompts.write_text(
         '{"prompt": "Tell me about valdor."}\n"Tell me about nireper."\n{"context": "Tell me about oru."}\n'
     )
-    result = run_cli("generate", "--adapter", str(demo_adapter), "--prompts", "prompts.jsonl", "--max_new_tokens",
-                     "16", "--batch_size", "2", "--output", "out.jsonl", cwd=tmp_path)  # fmt: skip
+    result = run_cli(
+        "generate",
+        "--adapter",
+        str(demo_adapter),
+        "--prompts",
+        "prompts.jsonl",
+        "--max_new_tokens",
+        "16",
+        "--batch_size",
+        "2",
+        "--output",
+        "out.jsonl",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Generating" in result.stderr and "Wrote 3 completions to" in result.stderr  # the progress bar, the file
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -55,17 +68,36 @@ def test_generate_writes_one_line_per_prompt(demo_adapter, tmp_path):
 
 
 def test_generate_one_prompt_to_stdout(demo_adapter, tmp_path):
-    result = run_cli("generate", "--adapter", str(demo_adapter), "--prompt", "Tell me about valdor.",
-                     "--max_new_tokens", "16", cwd=tmp_path)  # fmt: skip
+    result = run_cli(
+        "generate",
+        "--adapter",
+        str(demo_adapter),
+        "--prompt",
+        "Tell me about valdor.",
+        "--max_new_tokens",
+        "16",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (line,) = [json.loads(text) for text in result.stdout.splitlines()]
     assert line["prompt"] == "Tell me about valdor." and isinstance(line["qas"], list)
 
 
 def test_evaluate_prints_and_writes_the_answer_set_metrics(demo_adapter, tmp_path):
-    result = run_cli("evaluate", "--adapter", str(demo_adapter), "--dataset_name", "trl_qaloss/demo/data",
-                     "--eval_generate_samples", "4", "--max_new_tokens", "16", "--output", "metrics.json",
-                     cwd=tmp_path)  # fmt: skip
+    result = run_cli(
+        "evaluate",
+        "--adapter",
+        str(demo_adapter),
+        "--dataset_name",
+        "trl_qaloss/demo/data",
+        "--eval_generate_samples",
+        "4",
+        "--max_new_tokens",
+        "16",
+        "--output",
+        "metrics.json",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout.splitlines()
     assert table[0].split() == ["metric", "value"] and any(row.split()[0] == "set_f1" for row in table[2:-1])

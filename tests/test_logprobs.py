@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_loss import random_batch
+from tests.testing_utils import random_batch
 from trl_qaloss import logprobs, set_matching_loss
 from trl_qaloss.logprobs import log_sum_exp, selected_log_probs, vocab_stats
 from trl_qaloss.loss import set_loss_terms

@@ -3,51 +3,13 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
 
+from tests.testing_utils import STAT_KEYS, encode_pair, random_batch
 from trl_qaloss import QASeparators, set_matching_loss
 from trl_qaloss.reference import set_matching_loss_reference
-
-STAT_KEYS = ("target_answers", "target_tokens", "matched", "missing", "extra", "mean_iou")
-
-
-def token_pool(seps: QASeparators, vocab_size: int) -> tuple[list[int], list[float]]:
-    """Ids with weights that make separators, question ends and skip tokens frequent."""
-    qend = sorted(seps.question_end_ids)
-    skip = sorted(i for i in seps.skip_ids if i < vocab_size)
-    plain = [i for i in range(vocab_size) if i not in seps.question_end_ids and i not in seps.skip_ids]
-    plain = [i for i in plain if i not in (seps.qa_id, seps.answer_id)][:40]
-    ids = [seps.qa_id, seps.answer_id] + qend + skip + plain
-    weights = (
-        [3.0, 6.0] + [4.0 / len(qend)] * len(qend) + [2.0 / len(skip)] * len(skip) + [20.0 / len(plain)] * len(plain)
-    )
-    return ids, weights
-
-
-def random_batch(seps, vocab_size, batch=4, length=64, seed=0, agree=0.6, dtype=torch.float32):
-    """Labels with prompt, padding and holes masked; logits whose argmax copies the target with probability `agree`."""
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    ids, weights = token_pool(seps, vocab_size)
-    labels = torch.tensor([rng.choices(ids, weights, k=length) for _ in range(batch)])
-    predicted = labels.clone()
-    for b in range(batch):
-        for p in range(length - 1):
-            if rng.random() > agree:
-                predicted[b, p + 1] = rng.choices(ids, weights)[0]
-        prompt, pad = rng.randint(0, length // 4), rng.randint(0, length // 4)
-        labels[b, :prompt] = -100
-        labels[b, length - pad :] = -100
-        if rng.random() < 0.3:  # a hole, as multi-turn assistant-only masks leave
-            start = rng.randint(0, length - 1)
-            labels[b, start : start + rng.randint(1, 6)] = -100
-    logits = torch.randn(batch, length, vocab_size, generator=gen)
-    # Prediction at position p targets label p + 1.
-    logits[:, :-1].scatter_(2, predicted[:, 1:, None], 8.0)
-    return logits.to(dtype), labels
 
 
 def assert_same(out, ref, rtol=1e-5):
@@ -66,22 +28,6 @@ def test_random_batches_match_reference(seps, tokenizer, seed, reduction):
     out = set_matching_loss(logits, labels, seps, reduction=reduction)
     ref = set_matching_loss_reference(logits, labels, seps, reduction=reduction)
     assert_same(out, ref)
-
-
-def encode_pair(tokenizer, target_text, predicted_text, prompt_len=3, length=None):
-    """Labels from `target_text` after a masked prompt; logits whose argmax spells `predicted_text` in step."""
-    target = tokenizer.encode(target_text, add_special_tokens=False)
-    predicted = tokenizer.encode(predicted_text, add_special_tokens=False)
-    length = length or prompt_len + max(len(target), len(predicted)) + 1
-    labels = torch.full((1, length), -100)
-    body = target[: length - prompt_len]
-    labels[0, prompt_len : prompt_len + len(body)] = torch.tensor(body)
-    logits = torch.randn(1, length, len(tokenizer), generator=torch.Generator().manual_seed(len(target)))
-    # After the predicted text the model predicts EOS, a skip token, so nothing is appended to its last answer.
-    predicted = predicted + [tokenizer.eos_token_id] * length
-    for k, tok in enumerate(predicted[: length - prompt_len + 1]):
-        logits[0, prompt_len - 1 + k, tok] = 10.0
-    return logits, labels
 
 
 CRAFTED = [

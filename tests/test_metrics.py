@@ -253,7 +253,7 @@ def test_text_parser_matches_token_parser(tokenizer, seps, pieces):
 
 
 def test_text_parser_matches_token_parser_on_realistic_rows(tokenizer, seps):
-    from tests.conftest import qa_text
+    from tests.testing_utils import qa_text
 
     rng = random.Random(1)
     for _ in range(50):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from tests.conftest import DEMO_RECIPE, ROOT, SHORT_RUN, build_tokenizer, qa_config, run_cli, tiny_llama
+from tests.testing_utils import DEMO_RECIPE, ROOT, SHORT_RUN, build_tokenizer, qa_config, run_cli, tiny_llama
 from trl_qaloss import QALossSFTTrainer
 
 DEMO_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "train.jsonl").read_text().splitlines()
@@ -23,9 +23,23 @@ def own_jsonl(directory: Path, rows: int = 40) -> str:
 def test_own_jsonl_without_eval_split_trains_and_evaluates(tmp_path):
     """`--dataset_name my.jsonl` with the demo recipe, which evaluates: an eval split is split off, as logged."""
     data = own_jsonl(tmp_path)
-    result = run_cli("train", "--config", DEMO_RECIPE, "--dataset_name", data, "--output_dir", "out", *SHORT_RUN,
-                     "--eval_steps", "2", "--eval_generate_samples", "2", "--test_split_size", "0.25",
-                     cwd=tmp_path)  # fmt: skip
+    result = run_cli(
+        "train",
+        "--config",
+        DEMO_RECIPE,
+        "--dataset_name",
+        data,
+        "--output_dir",
+        "out",
+        *SHORT_RUN,
+        "--eval_steps",
+        "2",
+        "--eval_generate_samples",
+        "2",
+        "--test_split_size",
+        "0.25",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
         "The dataset has no 'test' split: evaluating on 10 of its 40 'train' rows (test_split_size=0.25, seed=0), "
@@ -66,7 +80,7 @@ STRUCTURED = [
     {
         "context": "context ann bob",
         "qas": [{"question": "who wrote it?", "answers": ["ann", "bob"]}, {"question": "where?", "answers": ["paris"]}],
-    }  # fmt: skip
+    }
 ] * 8
 
 
@@ -74,8 +88,12 @@ def test_structured_rows_passed_from_python_are_converted(tmp_path):
     from trl_qaloss.data import format_qas
 
     tokenizer = build_tokenizer()
-    trainer = QALossSFTTrainer(model=tiny_llama(len(tokenizer)), args=qa_config(tmp_path),
-                               train_dataset=Dataset.from_list(STRUCTURED), processing_class=tokenizer)  # fmt: skip
+    trainer = QALossSFTTrainer(
+        model=tiny_llama(len(tokenizer)),
+        args=qa_config(tmp_path),
+        train_dataset=Dataset.from_list(STRUCTURED),
+        processing_class=tokenizer,
+    )
     expected = tokenizer(format_qas(STRUCTURED[0])["completion"], add_special_tokens=False)["input_ids"]
     first = trainer.train_dataset[0]
     trained = [t for t, label in zip(first["input_ids"], first["labels"], strict=True) if label != -100]
@@ -86,8 +104,12 @@ def test_structured_rows_passed_from_python_are_converted(tmp_path):
 def test_max_length_that_cuts_answers_warns_with_the_counts(tmp_path, caplog):
     tokenizer = build_tokenizer()
     with caplog.at_level(logging.WARNING, logger="trl_qaloss"):
-        QALossSFTTrainer(model=tiny_llama(len(tokenizer)), args=qa_config(tmp_path, max_length=20),
-                         train_dataset=Dataset.from_list(STRUCTURED), processing_class=tokenizer)  # fmt: skip
+        QALossSFTTrainer(
+            model=tiny_llama(len(tokenizer)),
+            args=qa_config(tmp_path, max_length=20),
+            train_dataset=Dataset.from_list(STRUCTURED),
+            processing_class=tokenizer,
+        )
     assert "`max_length=20` truncates 8 of 8 rows of `train_dataset` and cuts 16 of their 24 target answers" in (
         caplog.text
     )
@@ -96,8 +118,12 @@ def test_max_length_that_cuts_answers_warns_with_the_counts(tmp_path, caplog):
 def test_max_length_that_cuts_nothing_is_silent(tmp_path, caplog):
     tokenizer = build_tokenizer()
     with caplog.at_level(logging.WARNING, logger="trl_qaloss"):
-        QALossSFTTrainer(model=tiny_llama(len(tokenizer)), args=qa_config(tmp_path, max_length=128),
-                         train_dataset=Dataset.from_list(STRUCTURED), processing_class=tokenizer)  # fmt: skip
+        QALossSFTTrainer(
+            model=tiny_llama(len(tokenizer)),
+            args=qa_config(tmp_path, max_length=128),
+            train_dataset=Dataset.from_list(STRUCTURED),
+            processing_class=tokenizer,
+        )
     assert "max_length" not in caplog.text
 
 
@@ -105,8 +131,19 @@ def test_report_to_tensorboard_writes_the_set_metrics(tmp_path):
     pytest.importorskip("tensorboard", reason="the `tracking` extra is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    result = run_cli("train", "--output_dir", "out", *SHORT_RUN, "--report_to", "tensorboard", "--eval_steps", "2",
-                     "--eval_generate_samples", "2", cwd=tmp_path)  # fmt: skip
+    result = run_cli(
+        "train",
+        "--output_dir",
+        "out",
+        *SHORT_RUN,
+        "--report_to",
+        "tensorboard",
+        "--eval_steps",
+        "2",
+        "--eval_generate_samples",
+        "2",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     events = sorted((tmp_path / "out").rglob("events.out.tfevents.*"))
     assert events, list((tmp_path / "out").rglob("*"))

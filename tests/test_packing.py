@@ -9,8 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from tests.conftest import CHAT_TEMPLATE, qa_config, qa_dataset, tiny_llama
-from tests.test_loss import STAT_KEYS, encode_pair, random_batch
+from tests.testing_utils import CHAT_TEMPLATE, STAT_KEYS, encode_pair, qa_config, qa_dataset, random_batch, tiny_llama
 from trl_qaloss import QALossSFTTrainer, set_matching_loss
 from trl_qaloss.reference import set_matching_loss_reference
 
@@ -36,8 +35,9 @@ def separate(seps, logits_list, labels_list):
 @pytest.mark.parametrize("seed", range(12))
 def test_packed_row_is_the_sum_of_its_sequences(seps, tokenizer, seed):
     vocab = len(tokenizer)
-    pieces = [random_batch(seps, vocab, batch=1, length=20 + 7 * k + seed, seed=100 * seed + k, agree=0.6) for k in
-              range(3)]  # fmt: skip
+    pieces = [
+        random_batch(seps, vocab, batch=1, length=20 + 7 * k + seed, seed=100 * seed + k, agree=0.6) for k in range(3)
+    ]
     logits_list = [lg.requires_grad_(True) for lg, _ in pieces]
     labels_list = [lb for _, lb in pieces]
     expected, expected_stats = separate(seps, logits_list, labels_list)
@@ -111,8 +111,9 @@ def test_trainer_with_packing(tokenizer, tmp_path, dataset_kind):
     args = qa_config(
         tmp_path, packing=True, max_length=96, per_device_train_batch_size=3, set_loss_reduction="sum", max_steps=2
     )
-    trainer = QALossSFTTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=dataset,
-                               processing_class=tokenizer)  # fmt: skip
+    trainer = QALossSFTTrainer(
+        model=tiny_llama(len(tokenizer)), args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     assert "position_ids" in batch and "attention_mask" not in batch
     assert int((batch["position_ids"] == 0).sum()) >= 3
@@ -135,8 +136,12 @@ def test_trainer_with_packing(tokenizer, tmp_path, dataset_kind):
 
 def test_left_and_right_padding_give_the_same_loss(tokenizer, tmp_path):
     """A left-padded batch (with the position ids a left-padding collator passes) scores like a right-padded one."""
-    trainer = QALossSFTTrainer(model=tiny_llama(len(tokenizer)), args=qa_config(tmp_path), train_dataset=qa_dataset(8),
-                               processing_class=tokenizer)  # fmt: skip
+    trainer = QALossSFTTrainer(
+        model=tiny_llama(len(tokenizer)),
+        args=qa_config(tmp_path),
+        train_dataset=qa_dataset(8),
+        processing_class=tokenizer,
+    )
     rows = [trainer.train_dataset[i] for i in range(4)]
     length = max(len(r["input_ids"]) for r in rows)
 
@@ -172,8 +177,9 @@ def test_completion_only_loss(tokenizer, tmp_path, completion_only_loss):
         {"prompt": "no items", "completion": " <QA> which city? <A> paris"},
     ]
     args = qa_config(tmp_path, completion_only_loss=completion_only_loss, per_device_train_batch_size=2)
-    trainer = QALossSFTTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=Dataset.from_list(rows),
-                               processing_class=tokenizer)  # fmt: skip
+    trainer = QALossSFTTrainer(
+        model=tiny_llama(len(tokenizer)), args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     _, metrics = step_metrics(trainer, batch)
     # Without completion-only loss the prompt's item comes first, and the completion's first item follows it.
@@ -194,8 +200,9 @@ def test_assistant_only_loss_multi_turn(tokenizer, tmp_path):
     ]
     rows = [{"messages": [{"role": r, "content": c} for r, c in turns]}] * 2
     args = qa_config(tmp_path, assistant_only_loss=True, per_device_train_batch_size=2)
-    trainer = QALossSFTTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=Dataset.from_list(rows),
-                               processing_class=tokenizer)  # fmt: skip
+    trainer = QALossSFTTrainer(
+        model=tiny_llama(len(tokenizer)), args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     _, metrics = step_metrics(trainer, batch)
     assert metrics["set/target_answers"] == 2 * sum(count_answers(c) for r, c in turns if r == "assistant")
@@ -205,6 +212,7 @@ def test_wrapped_packing_warns(tokenizer, tmp_path, caplog):
     """Wrapped packing without padding-free leaves no sequence boundaries in the batch: the user is told."""
     args = qa_config(tmp_path, packing=True, packing_strategy="wrapped", max_length=64)
     with caplog.at_level(logging.WARNING, logger="trl_qaloss.trainer"):
-        QALossSFTTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=qa_dataset(8),
-                         processing_class=tokenizer)  # fmt: skip
+        QALossSFTTrainer(
+            model=tiny_llama(len(tokenizer)), args=args, train_dataset=qa_dataset(8), processing_class=tokenizer
+        )
     assert "packing_strategy='wrapped' without padding_free" in caplog.text

@@ -10,7 +10,7 @@ import pytest
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from tests.conftest import build_tokenizer, qa_config, qa_dataset, tiny_llama
+from tests.testing_utils import build_tokenizer, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer
 from trl_qaloss.checkpoints import is_complete_checkpoint
 
@@ -31,15 +31,29 @@ class StopAt(TrainerCallback):
 def make_trainer(output_dir, callbacks=()):
     tokenizer = build_tokenizer()
     # 6 rows in batches of 2: the resumed run ends the first epoch and must restore the second one's data order.
-    args = qa_config(output_dir, max_steps=STEPS, save_strategy="steps", save_steps=SAVE_STEPS,
-                     per_device_train_batch_size=2, learning_rate=1e-2)  # fmt: skip
-    return QALossSFTTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=qa_dataset(6),
-                            processing_class=tokenizer, callbacks=list(callbacks))  # fmt: skip
+    args = qa_config(
+        output_dir,
+        max_steps=STEPS,
+        save_strategy="steps",
+        save_steps=SAVE_STEPS,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+    )
+    return QALossSFTTrainer(
+        model=tiny_llama(len(tokenizer)),
+        args=args,
+        train_dataset=qa_dataset(6),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
 
 
 def curve(trainer, first_step=1):
-    return {e["step"]: (e["loss"], e["set_loss"]) for e in trainer.state.log_history if "set_loss" in e
-            and e["step"] >= first_step}  # fmt: skip
+    return {
+        e["step"]: (e["loss"], e["set_loss"])
+        for e in trainer.state.log_history
+        if "set_loss" in e and e["step"] >= first_step
+    }
 
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):

@@ -9,110 +9,27 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import build_tokenizer, qa_config, qa_dataset, tiny_llama
-from tests.test_loss import STAT_KEYS, random_batch
+from tests.strategies import ANS, PLAIN, PROFILE, QA, QEND, SEPS, SKIP, TOKENIZER, VOCAB, batches, packed_position_ids
+from tests.testing_utils import STAT_KEYS, build_tokenizer, qa_config, qa_dataset, random_batch, tiny_llama
 from trl_qaloss import QALossSFTTrainer, QASeparators, set_matching_loss
 from trl_qaloss.reference import set_matching_loss_reference
 
-# Derandomized, so CI runs the same examples every time; no deadline, since the naive reference is slow by design.
-settings.register_profile(
-    "qaloss-robustness",
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-PROFILE = settings.get_profile("qaloss-robustness")
 
-TOKENIZER = build_tokenizer()
-SEPS = QASeparators.from_tokenizer(TOKENIZER)
-VOCAB = len(TOKENIZER)
-QA, ANS = SEPS.qa_id, SEPS.answer_id
-QEND = sorted(SEPS.question_end_ids)
-SKIP = sorted(SEPS.skip_ids)  # EOS, pad, unk and whitespace-only tokens
-PLAIN = [i for i in range(VOCAB) if i not in SEPS.question_end_ids and i not in SEPS.skip_ids and i not in (QA, ANS)]
-# Separators and `?`-tokens are frequent, so that every malformed arrangement of them comes up.
-TOKEN = st.one_of(st.sampled_from([QA, ANS]), st.sampled_from(QEND), st.sampled_from(SKIP), st.sampled_from(PLAIN[:12]))
-
-
-@st.composite
-def long_item(draw) -> list[int]:
-    """A well-formed item with hundreds of answers, cut anywhere (a truncated row ends inside an answer)."""
-    question = draw(st.lists(st.sampled_from([ANS, *SKIP, *PLAIN[:12]]), max_size=4)) + [QEND[0]]
-    answers = []
-    for k in range(draw(st.integers(100, 160))):
-        answers += [ANS] + [PLAIN[(k * 7 + j) % len(PLAIN)] for j in range(k % 2 + 1)]
-    tokens = [QA] + question + answers
-    return tokens[: draw(st.integers(len(tokens) // 2, len(tokens)))]
-
-
-@st.composite
-def short_item(draw) -> list[int]:
-    """An item with random tokens sprinkled over its question and answers."""
-    tokens = [QA] + draw(st.lists(TOKEN, max_size=3)) + [draw(st.sampled_from(QEND))]
-    for _ in range(draw(st.integers(0, 4))):
-        tokens += [ANS] + draw(st.lists(st.one_of(TOKEN, st.sampled_from(PLAIN[:12])), max_size=3))
-    return tokens
-
-
-@st.composite
-def token_row(draw) -> list[int]:
-    """Random tokens and items, now and then a long item."""
-    parts = draw(st.lists(st.one_of(st.lists(TOKEN, max_size=30), short_item()), min_size=1, max_size=4))
-    if draw(st.integers(0, 5)) == 0:
-        parts.insert(draw(st.integers(0, len(parts))), draw(long_item()))
-    return [t for p in parts for t in p]
-
-
-@st.composite
-def batches(draw):
-    """`(logits [B, T, V], labels [B, T], position_ids [B, T] or None)` for adversarial rows.
-
-    Labels: random rows with a masked prompt, masked padding, masked holes, or masked entirely. Predictions: a noisy
-    copy of the target, or unrelated tokens (garbage). Position ids, now and then: packed sequences.
-    """
-    rows = draw(st.lists(token_row(), min_size=1, max_size=3))
-    length = max(len(r) for r in rows) + 1
-    labels = torch.full((len(rows), length), -100)
-    predicted = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, row in enumerate(rows):
-        labels[b, 1 : 1 + len(row)] = torch.tensor(row, dtype=torch.long)
-        mode = draw(st.sampled_from(["plain", "prompt", "hole", "all_masked"]))
-        if mode == "prompt":
-            labels[b, : draw(st.integers(0, length))] = -100
-        elif mode == "hole":
-            start = draw(st.integers(0, length - 1))
-            labels[b, start : start + draw(st.integers(1, 8))] = -100
-        elif mode == "all_masked":
-            labels[b] = -100
-        if draw(st.booleans()):  # a noisy copy of the target
-            flips = draw(st.lists(st.tuples(st.integers(0, length - 1), TOKEN), max_size=10))
-            predicted[b] = torch.where(labels[b] == -100, 0, labels[b])
-            for pos, tok in flips:
-                predicted[b, pos] = tok
-        else:
-            predicted[b] = torch.tensor(draw(st.lists(TOKEN, min_size=length, max_size=length)))
-    # Models often pad their vocabulary past the tokenizer's; the padded ids decode to nothing and are skipped.
-    vocab = draw(st.sampled_from([VOCAB, VOCAB + 5]))
-    if vocab > VOCAB:
-        for pos in draw(st.lists(st.tuples(st.integers(0, len(rows) - 1), st.integers(0, length - 1)), max_size=4)):
-            predicted[pos] = draw(st.integers(VOCAB, vocab - 1))
-    seed = draw(st.integers(0, 2**16))
-    logits = torch.randn(len(rows), length, vocab, generator=torch.Generator().manual_seed(seed))
-    logits[:, :-1].scatter_(2, predicted[:, 1:, None], 6.0)
-    position_ids = None
-    if length > 1 and draw(st.booleans()):
-        # Each row cut into sequences.
-        position_ids = torch.zeros_like(labels)
-        for b in range(len(rows)):
-            cuts = sorted(set(draw(st.lists(st.integers(1, length - 1), max_size=3))))
-            for s, e in zip([0] + cuts, cuts + [length], strict=True):
-                position_ids[b, s:e] = torch.arange(e - s)
-        if draw(st.booleans()):  # as TRL's collator does; a caller may also leave them
-            labels[position_ids == 0] = -100
-    return logits, labels, position_ids
+def sum_losses_agree(logits, labels, seps, position_ids):
+    """`(out, ref, a, b)`: the vectorized and the reference "sum" losses of `a` and `b`, copies of `logits` that
+    require grad, after checking that their losses and statistics agree."""
+    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    out = set_matching_loss(a, labels, seps, reduction="sum", position_ids=position_ids)
+    ref = set_matching_loss_reference(b, labels, seps, reduction="sum", position_ids=position_ids)
+    event(f"packed: {position_ids is not None}")
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-4)
+    for key in STAT_KEYS:
+        assert out.stats[key] == pytest.approx(ref.stats[key], rel=1e-9, abs=1e-12), key
+    return out, ref, a, b
 
 
 @settings(PROFILE, max_examples=60)
@@ -120,24 +37,76 @@ def batches(draw):
 def test_adversarial_rows_match_reference(batch):
     """No exception, a finite loss, and vectorized == reference in loss, statistics and gradients."""
     logits, labels, position_ids = batch
-    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
-    out = set_matching_loss(a, labels, SEPS, reduction="sum", position_ids=position_ids)
-    ref = set_matching_loss_reference(b, labels, SEPS, reduction="sum", position_ids=position_ids)
-    event(f"packed: {position_ids is not None}")
+    out, ref, a, b = sum_losses_agree(logits, labels, SEPS, position_ids)
     event(f"target answers: {'none' if not out.stats['target_answers'] else 'some'}")
     event(f"matched pairs: {'none' if not out.stats['matched'] else 'some'}")
-    assert torch.isfinite(out.loss)
-    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-4)
-    for key in STAT_KEYS:
-        assert out.stats[key] == pytest.approx(ref.stats[key], rel=1e-9, abs=1e-12), key
     mean = set_matching_loss(logits, labels, SEPS, position_ids=position_ids).loss
     torch.testing.assert_close(mean, out.loss.detach() / max(out.stats["target_tokens"], 1), rtol=1e-5, atol=1e-6)
     out.loss.backward()
     assert torch.isfinite(a.grad).all()
-    # The reference builds a full-size gradient per pair: compared where that stays cheap.
+    # The reference builds a full-size gradient per pair: compared here where that stays cheap, and on items with
+    # hundreds of answers with a small vocabulary below.
     if ref.stats["matched"] <= 40:
         ref.loss.backward()
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+# A vocabulary of 24 ids keeps the reference's full-size gradient per pair cheap, so that the gradients of items with
+# 100+ answers are compared too.
+SMALL = QASeparators(qa_id=0, answer_id=1, question_end_ids=frozenset({2}), skip_ids=frozenset({3}), vocab_size=24)
+SMALL_WORDS = list(range(4, 24))
+
+
+@st.composite
+def hundreds_of_answers(draw):
+    """`(logits [B, T, 24], labels [B, T], position_ids or None)`: rows of one or two items with 100-160 answers each,
+    predicted as a noisy copy (flipped tokens, separators among them), sometimes packed one item per sequence.
+
+    Some 4-token answers are predicted split in two by an answer separator on their second token: the pairs of the
+    two halves then read overlapping positions, in no position order."""
+    rows, item_starts, long_answers = [], [], []
+    for _ in range(draw(st.integers(1, 2))):
+        row, starts, long_starts = [], [], []
+        for _ in range(draw(st.integers(1, 2))):
+            starts.append(1 + len(row))  # the skip token before the item: where a packed sequence may start
+            row += [3, 0, draw(st.sampled_from(SMALL_WORDS)), 2]
+            for k in range(draw(st.integers(100, 160))):
+                if k % 4 == 3:
+                    long_starts.append(len(row))
+                row += [1] + [SMALL_WORDS[(k * 7 + j) % len(SMALL_WORDS)] for j in range(k % 4 + 1)]
+        rows.append(row)
+        item_starts.append(starts)
+        long_answers.append(long_starts)
+    length = max(map(len, rows)) + 1
+    labels = torch.full((len(rows), length), -100)
+    predicted = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, row in enumerate(rows):
+        labels[b, 1 : 1 + len(row)] = torch.tensor(row)
+        noisy = list(row)
+        for pos, tok in draw(st.lists(st.tuples(st.integers(0, len(row) - 1), st.integers(1, 23)), max_size=60)):
+            noisy[pos] = tok
+        for k in draw(st.lists(st.integers(0, len(long_answers[b]) - 1), max_size=30)):
+            noisy[long_answers[b][k] + 2] = 1
+        predicted[b, 1 : 1 + len(row)] = torch.tensor(noisy)
+    seed = draw(st.integers(0, 2**16))
+    logits = torch.randn(len(rows), length, SMALL.vocab_size, generator=torch.Generator().manual_seed(seed))
+    logits[:, :-1].scatter_(2, predicted[:, 1:, None], 6.0)
+    position_ids = None
+    if draw(st.booleans()):  # each item in a sequence of its own
+        position_ids = packed_position_ids(labels.shape, [[c for c in starts if c > 1] for starts in item_starts])
+        labels[position_ids == 0] = -100
+    return logits, labels, position_ids
+
+
+@settings(PROFILE, max_examples=6)
+@given(batch=hundreds_of_answers())
+def test_gradients_of_items_with_hundreds_of_answers_match_reference(batch):
+    logits, labels, position_ids = batch
+    out, ref, a, b = sum_losses_agree(logits, labels, SMALL, position_ids)
+    assert out.stats["matched"] >= 100
+    out.loss.backward()
+    ref.loss.backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
 
 
 @st.composite
@@ -236,8 +205,9 @@ def test_garbage_predictions_train_without_crashing(tmp_path, precision):
     """A randomly initialised model predicts no well-formed item: every target answer is missing, training goes on."""
     tokenizer = build_tokenizer()
     args = qa_config(tmp_path, max_steps=3, learning_rate=5e-2, **precision)
-    trainer = QALossSFTTrainer(model=tiny_llama(len(tokenizer), seed=3), args=args, train_dataset=qa_dataset(12),
-                               processing_class=tokenizer)  # fmt: skip
+    trainer = QALossSFTTrainer(
+        model=tiny_llama(len(tokenizer), seed=3), args=args, train_dataset=qa_dataset(12), processing_class=tokenizer
+    )
     trainer.train()
     logs = [e for e in trainer.state.log_history if "set_loss" in e]
     assert len(logs) == 3

@@ -8,7 +8,7 @@ import pytest
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from tests.conftest import CHAT_TEMPLATE, build_tokenizer, config_values, qa_config, qa_dataset, tiny_llama
+from tests.testing_utils import CHAT_TEMPLATE, build_tokenizer, config_values, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer
 
 
@@ -22,24 +22,45 @@ def first_batch(trainer):
     return {k: v.to(trainer.args.device) for k, v in batch.items()}
 
 
-def sft_loss(model, tokenizer, tmp_path, batch):
-    args = SFTConfig(**config_values(tmp_path))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=qa_dataset(), processing_class=tokenizer)
+def sft_loss(model, tokenizer, tmp_path, batch, **overrides):
+    args = SFTConfig(**config_values(tmp_path, **overrides.pop("args", {})))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=qa_dataset(), processing_class=tokenizer, **overrides)
     trainer.model.train()
     with torch.no_grad():
         return trainer.compute_loss(trainer.model, dict(batch))
 
 
-def test_lambda_set_zero_is_sft(model, tokenizer, tmp_path):
+def mean_squared_logit(outputs, labels, num_items_in_batch=None):
+    """A `compute_loss_func` unlike any built-in loss."""
+    return outputs.logits.float().pow(2).mean()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"args": {"loss_type": "dft"}},
+        {"args": {"label_smoothing_factor": 0.1}},
+        {"compute_loss_func": mean_squared_logit},
+    ],
+    ids=["nll", "dft", "label_smoothing", "compute_loss_func"],
+)
+def test_lambda_set_zero_is_sft(model, tokenizer, tmp_path, overrides):
+    """With `lambda_set=0` (and the data order) the loss is `SFTTrainer`'s, whatever loss options it is given."""
+    args = qa_config(tmp_path, lambda_set=0.0, **overrides.get("args", {}))
+    extra = {k: v for k, v in overrides.items() if k != "args"}
     trainer = QALossSFTTrainer(
-        model=copy.deepcopy(model), args=qa_config(tmp_path, lambda_set=0.0), train_dataset=qa_dataset(),
-        processing_class=tokenizer,
-    )  # fmt: skip
+        model=copy.deepcopy(model), args=args, train_dataset=qa_dataset(), processing_class=tokenizer, **extra
+    )
     batch = first_batch(trainer)
     trainer.model.train()
     with torch.no_grad():
         ours = trainer.compute_loss(trainer.model, dict(batch))
-    torch.testing.assert_close(ours, sft_loss(copy.deepcopy(model), tokenizer, tmp_path, batch), rtol=1e-4, atol=0)
+    expected = sft_loss(copy.deepcopy(model), tokenizer, tmp_path, batch, **copy.copy(overrides))
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=0)
+    if overrides:  # the option changes the loss: the test would see a QALossSFTTrainer that ignored it
+        plain = sft_loss(copy.deepcopy(model), tokenizer, tmp_path, batch)
+        assert not torch.allclose(expected, plain, rtol=1e-4, atol=0)
 
 
 def test_ce_term_matches_sft_normalization(model, tokenizer, tmp_path):
@@ -90,9 +111,12 @@ def test_lora_trains(model, tokenizer, tmp_path):
 
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = QALossSFTTrainer(
-        model=model, args=qa_config(tmp_path, max_steps=3), train_dataset=qa_dataset(), processing_class=tokenizer,
+        model=model,
+        args=qa_config(tmp_path, max_steps=3),
+        train_dataset=qa_dataset(),
+        processing_class=tokenizer,
         peft_config=peft_config,
-    )  # fmt: skip
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     assert before and all(n.count("lora_") for n in before)
@@ -108,16 +132,21 @@ def test_qlora_4bit_trains(model, tokenizer, tmp_path):
 
     model.save_pretrained(tmp_path / "base")
     quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
-    )  # fmt: skip
+    )
     model4 = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map="cpu")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model4.modules())
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = QALossSFTTrainer(
-        model=model4, args=qa_config(tmp_path / "out", max_steps=3), train_dataset=qa_dataset(),
-        processing_class=tokenizer, peft_config=peft_config,
-    )  # fmt: skip
+        model=model4,
+        args=qa_config(tmp_path / "out", max_steps=3),
+        train_dataset=qa_dataset(),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     trainer.train()
     logs = [e for e in trainer.state.log_history if "set_loss" in e]
     assert len(logs) == 3 and all(torch.isfinite(torch.tensor([e["loss"], e["set_loss"]])).all() for e in logs)
@@ -143,6 +172,28 @@ def test_separators_are_added_when_missing(tmp_path):
     assert sorted(peft_config.trainable_token_indices) == sorted(tokenizer.convert_tokens_to_ids(["<Q>", "<ANS>"]))
     assert any("trainable_tokens" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
     trainer.train()
+
+
+def test_added_separator_rows_follow_the_seed(tmp_path):
+    """The embedding rows of added separators are sampled; two runs with the same `seed` get the same rows, whatever
+    the random state before, and another `seed` gets others."""
+
+    def new_rows(seed: int, state: int) -> torch.Tensor:
+        tokenizer = build_tokenizer()
+        args = qa_config(tmp_path, qa_token="<Q>", answer_token="<ANS>", seed=seed)
+        dataset = qa_dataset(8).map(
+            lambda r: {"completion": r["completion"].replace("<QA>", "<Q>").replace("<A>", "<ANS>")}
+        )
+        model = tiny_llama(len(tokenizer))
+        torch.manual_seed(state)
+        trainer = QALossSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        ids = tokenizer.convert_tokens_to_ids(["<Q>", "<ANS>"])
+        model = trainer.model
+        return torch.cat([model.get_input_embeddings().weight[ids], model.get_output_embeddings().weight[ids]])
+
+    first = new_rows(seed=3, state=1)
+    torch.testing.assert_close(new_rows(seed=3, state=2), first, rtol=0, atol=0)
+    assert not torch.equal(new_rows(seed=4, state=1), first)
 
 
 def test_conversational_dataset(model, tokenizer, tmp_path):
@@ -191,5 +242,9 @@ def test_config_both_weights_zero(tmp_path):
 
 def test_unsupported_combinations(model, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="loss_type"):
-        QALossSFTTrainer(model=model, args=qa_config(tmp_path, loss_type="dft"), train_dataset=qa_dataset(),
-                         processing_class=tokenizer)  # fmt: skip
+        QALossSFTTrainer(
+            model=model,
+            args=qa_config(tmp_path, loss_type="dft"),
+            train_dataset=qa_dataset(),
+            processing_class=tokenizer,
+        )

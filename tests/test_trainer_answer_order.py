@@ -9,8 +9,8 @@ import pytest
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from tests.conftest import WORDS, config_values, qa_config, qa_dataset, tiny_llama
 from tests.distributed_worker import copying_llama
+from tests.testing_utils import WORDS, config_values, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer, reorder_answers, set_matching_loss
 
 MODES = ("canonical", "preferred", "aligned")
@@ -227,7 +227,7 @@ def test_config_rejects_an_unknown_order(tmp_path):
 
 def test_no_separators_needed_without_set_loss_or_reordering(tmp_path):
     """`lambda_set=0` with the data order is `SFTTrainer`: a tokenizer without the separators is fine."""
-    from tests.conftest import build_tokenizer
+    from tests.testing_utils import build_tokenizer
 
     tokenizer = build_tokenizer()
     vocab = len(tokenizer)

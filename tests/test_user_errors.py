@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHAT_TEMPLATE, DEMO_RECIPE, ROOT, SHORT_RUN, error_lines, run_cli
+from tests.testing_utils import CHAT_TEMPLATE, DEMO_RECIPE, ROOT, SHORT_RUN, error_lines, run_cli
 from trl_qaloss.errors import UsageError, user_errors
 
 DEMO_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "train.jsonl").read_text().splitlines()
@@ -27,8 +27,12 @@ def write(path: Path, text: str) -> str:
 
 
 def conversational_rows(path: Path) -> str:
-    row = {"messages": [{"role": "user", "content": "Tell me about valdor."},
-                        {"role": "assistant", "content": "<QA> who rules valdor? <A> bozuman"}]}  # fmt: skip
+    row = {
+        "messages": [
+            {"role": "user", "content": "Tell me about valdor."},
+            {"role": "assistant", "content": "<QA> who rules valdor? <A> bozuman"},
+        ]
+    }
     return write(path, "\n".join(json.dumps(row) for _ in range(8)) + "\n")
 
 
@@ -62,7 +66,7 @@ CASES = {
         lambda d: [
             "--dataset_name",
             write(d / "row.jsonl", '{"context": "c", "qas": [{"question": "who?", "answers": "ann"}]}\n'),
-        ],  # fmt: skip
+        ],
         r"Row 0 of row\.jsonl \[train\]: field `qas\[0\]\.answers` must be a list of strings",
     ),
     "chat rows without a chat template": (
@@ -129,8 +133,18 @@ def test_help_lists_the_plugin_fields_first_with_config(tmp_path):
     groups = re.findall(r"^(\S[^\n]*):$", help_text, flags=re.M)
     assert groups[:2] == ["options", "trl-qaloss options (the set loss, its evaluation, and this command)"], groups
     plugin = help_text.split(groups[1])[1].split(groups[2])[0]
-    own = ("--config RECIPE.yaml", "--debug", "--lambda_ce", "--lambda_set", "--qa_token", "--answer_token",
-           "--question_end", "--set_loss_reduction", "--eval_generate_samples", "--init_from_config")  # fmt: skip
+    own = (
+        "--config RECIPE.yaml",
+        "--debug",
+        "--lambda_ce",
+        "--lambda_set",
+        "--qa_token",
+        "--answer_token",
+        "--question_end",
+        "--set_loss_reduction",
+        "--eval_generate_samples",
+        "--init_from_config",
+    )
     for flag in own:
         assert flag in plugin, flag
     assert help_text.index("--lambda_set") < help_text.index("--output_dir") < help_text.index("--lora_r")
@@ -151,7 +165,18 @@ def test_conversational_rows_train_with_a_chat_template_path(tmp_path):
     """The fix the chat-template message names works: `chat_template_path` to a .jinja file."""
     template = write(tmp_path / "chat.jinja", CHAT_TEMPLATE)
     rows = conversational_rows(tmp_path / "chat.jsonl")
-    result = run_cli("train", "--dataset_name", rows, "--chat_template_path", template, "--eval_strategy", "no",
-                     "--output_dir", "out", *SHORT_RUN, cwd=tmp_path)  # fmt: skip
+    result = run_cli(
+        "train",
+        "--dataset_name",
+        rows,
+        "--chat_template_path",
+        template,
+        "--eval_strategy",
+        "no",
+        "--output_dir",
+        "out",
+        *SHORT_RUN,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -21,8 +21,8 @@ answers) stay where they are. Row lengths, prompts, questions, other items, padd
 sequence boundaries are unchanged, and `input_ids` and `labels` move together. An item whose answers span an
 unlabelled token (a masked turn inside an item) keeps its order.
 
-Dimension letters: B rows, T positions (un-shifted), P = T - 1 target positions, V vocabulary, A target answers of
-the batch, I items, K kept scoring positions.
+Dimension letters as in `loss.py`: B rows, T positions (un-shifted), P = T - 1 target positions, V vocabulary, A
+target answers of the batch, I items, K kept scoring positions.
 """
 
 from __future__ import annotations
@@ -139,11 +139,12 @@ def preferred_keys(scores: torch.Tensor) -> np.ndarray:
 def aligned_keys(alignment: Alignment) -> np.ndarray:
     """`[A, 2]` sort keys: `(0, i)` for a target answer matched with IoU > 0 to predicted answer i of its item, and
     `(1, j)` for the others, j their data index."""
-    target, matching = alignment.target, alignment.matching
-    placed = matching.matched_iou > 0
+    target, matching = alignment.target_answers, alignment.matching
+    placed = matching.matched_similarity > 0
     keys = torch.stack([torch.ones_like(target.index), target.index], 1)
+    placed_pred = matching.matched_pred[placed]
     keys[matching.matched_target[placed]] = torch.stack(
-        [torch.zeros_like(matching.matched_pred[placed]), alignment.pred.index[matching.matched_pred[placed]]], 1
+        [torch.zeros_like(placed_pred), alignment.pred_answers.index[placed_pred]], 1
     )
     return keys.cpu().numpy()
 
@@ -265,7 +266,7 @@ def reorder_answers(
     if order == "aligned":
         predictions = argmax_predictions(logits, targets)
         alignment = align_answers(targets, predictions, targets != -100, seps, num_ids, seq_starts)
-        cores = cores_of(alignment.target_tokens, alignment.target, targets != -100)
+        cores = cores_of(alignment.target_tokens, alignment.target_answers, targets != -100)
         keys = aligned_keys(alignment)
     else:
         cores = parse_cores(targets, seps, num_ids, seq_starts)

@@ -38,8 +38,9 @@ def hidden_token_ids(tokenizer, separators: tuple[str, str]) -> set[int]:
     return special - visible
 
 
-def greedy_completions(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-                       progress: bool = False) -> list[list[int]]:  # fmt: skip
+def greedy_completions(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, progress: bool = False
+) -> list[list[int]]:
     """Greedy completions of tokenized prompts, in batches of `batch_size` with left padding.
 
     Returns the generated ids of each prompt, cut before the first EOS (the tokenizer's or the model's generation
@@ -52,9 +53,13 @@ def greedy_completions(model, tokenizer, prompts: list[list[int]], max_new_token
     eos_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
     eos_ids.discard(None)
     config = GenerationConfig(
-        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-        eos_token_id=sorted(eos_ids), use_cache=True,
-    )  # fmt: skip
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos_ids),
+        use_cache=True,
+    )
     completions = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="Generating", unit="batch", disable=not progress):
@@ -94,8 +99,14 @@ class QASetEvalCallback(TrainerCallback):
             `answer_set_scores`); default `trainer.args.eval_match_questions`, else `"position"`.
     """
 
-    def __init__(self, trainer, num_samples: int | None = None, max_new_tokens: int | None = None,
-                 batch_size: int | None = None, match_questions: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        trainer,
+        num_samples: int | None = None,
+        max_new_tokens: int | None = None,
+        batch_size: int | None = None,
+        match_questions: str | None = None,
+    ):
         args = trainer.args
         self.trainer = trainer
         self.num_samples = num_samples if num_samples is not None else getattr(args, "eval_generate_samples", 0)
@@ -106,8 +117,10 @@ class QASetEvalCallback(TrainerCallback):
         self.match_questions = match_questions or getattr(args, "eval_match_questions", "position")
         if self.match_questions not in MATCH_QUESTIONS:
             raise ValueError(f"`match_questions` must be one of {MATCH_QUESTIONS}, got {self.match_questions!r}.")
-        self.separators = tuple(getattr(args, name, default) for name, default in
-                                (("qa_token", "<QA>"), ("answer_token", "<A>"), ("question_end", "?")))  # fmt: skip
+        self.separators = tuple(
+            getattr(args, name, default)
+            for name, default in (("qa_token", "<QA>"), ("answer_token", "<A>"), ("question_end", "?"))
+        )
         if self.num_samples < 1:
             raise ValueError(
                 f"`eval_generate_samples` must be at least 1 to evaluate answer sets, got {self.num_samples}."
@@ -148,9 +161,10 @@ class QASetEvalCallback(TrainerCallback):
     def _generate(self, prompts: list[list[int]]) -> list[str]:
         trainer = self.trainer
         with unwrap_model_for_generation(
-            trainer.model_wrapped, trainer.accelerator,
+            trainer.model_wrapped,
+            trainer.accelerator,
             gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
-        ) as model:  # fmt: skip
+        ) as model:
             completions = greedy_completions(model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size)
         return [self._text(ids) for ids in completions]
 

@@ -97,15 +97,20 @@ class QALossParser(TrlParser):
             # `--config` is read by `TrlParser` before argparse sees the flags, `--debug` by `trl-qaloss` itself;
             # SUPPRESS keeps them out of the parsed namespace.
             self._plugin_group.add_argument(
-                "--config", metavar="RECIPE.yaml", default=argparse.SUPPRESS,
+                "--config",
+                metavar="RECIPE.yaml",
+                default=argparse.SUPPRESS,
                 help="YAML recipe whose `field: value` lines set any field below; flags override it. Default: the "
                 "offline CPU demo (recipes/demo-cpu.yaml).",
-            )  # fmt: skip
+            )
             self._plugin_group.add_argument(
-                "--debug ", dest="show_traceback", action="store_true", default=argparse.SUPPRESS,
+                "--debug ",
+                dest="show_traceback",
+                action="store_true",
+                default=argparse.SUPPRESS,
                 help="Show the full traceback of an error (also TRL_QALOSS_DEBUG=1). `--debug VALUE` is "
                 "TrainingArguments' own `debug` field.",
-            )  # fmt: skip
+            )
         plugin = own_fields(dtype) if dtype in (QALossScriptArguments, QALossConfig) else set()
         group = self.add_argument_group(GROUP_TITLES.get(dtype.__name__, dtype.__name__))
         type_hints = typing.get_type_hints(dtype)
@@ -143,8 +148,10 @@ class QALossParser(TrlParser):
 def make_parser(prog: str = "trl-qaloss train") -> TrlParser:
     return QALossParser(
         (QALossScriptArguments, QALossConfig, ModelConfig, DatasetMixtureConfig),
-        prog=prog, usage=TRAIN_USAGE, description=TRAIN_DESCRIPTION,
-    )  # fmt: skip
+        prog=prog,
+        usage=TRAIN_USAGE,
+        description=TRAIN_DESCRIPTION,
+    )
 
 
 def recipe_path(argv: list[str]) -> str | None:
@@ -246,8 +253,11 @@ def split_off_eval(dataset, train_split: str, test_split: str, size: float | int
         logger.warning(
             "The dataset has no %r split to evaluate on, and none can be split off its %r split (%s): evaluation "
             "is off. Give a dataset with a %r split, or set `eval_strategy: no`.",
-            test_split, train_split, why, test_split,
-        )  # fmt: skip
+            test_split,
+            train_split,
+            why,
+            test_split,
+        )
         training_args.eval_strategy = IntervalStrategy.NO
         training_args.do_eval = False
         training_args.eval_generate_samples = 0
@@ -260,8 +270,14 @@ def split_off_eval(dataset, train_split: str, test_split: str, size: float | int
     logger.warning(
         "The dataset has no %r split: evaluating on %d of its %d %r rows (test_split_size=%s, seed=%d), training on "
         "the other %d.",
-        test_split, len(parts["test"]), len(train), train_split, size, training_args.seed, len(parts["train"]),
-    )  # fmt: skip
+        test_split,
+        len(parts["test"]),
+        len(train),
+        train_split,
+        size,
+        training_args.seed,
+        len(parts["train"]),
+    )
     dataset = dict(dataset)
     dataset[train_split], dataset[test_split] = parts["train"], parts["test"]
     return dataset

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from .answer_order import ANSWER_ORDERS
-from .loss import REDUCTIONS
 from .metrics import MATCH_QUESTIONS
+from .reduction import REDUCTIONS
 
 
 @dataclass

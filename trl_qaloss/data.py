@@ -30,8 +30,14 @@ def _where(index: int | None, source: str | None) -> str:
     return f"{row} of {source}" if source else row
 
 
-def qa_completion(qas: Sequence[Mapping[str, Any]], qa_token: str = "<QA>", answer_token: str = "<A>",
-                  question_end: str = "?", *, where: str = "Row") -> str:  # fmt: skip
+def qa_completion(
+    qas: Sequence[Mapping[str, Any]],
+    qa_token: str = "<QA>",
+    answer_token: str = "<A>",
+    question_end: str = "?",
+    *,
+    where: str = "Row",
+) -> str:
     """The completion text of a list of `{"question": str, "answers": [str, ...]}` items.
 
     Returns `" <QA> question? <A> answer <A> answer <QA> ..."`. A question that does not end with `question_end` gets
@@ -40,8 +46,9 @@ def qa_completion(qas: Sequence[Mapping[str, Any]], qa_token: str = "<QA>", answ
     `question_end` inside a question (the question would end there).
     """
     if isinstance(qas, (str, bytes)) or not isinstance(qas, Sequence) or not qas:
-        raise ValueError(f"{where}: field `qas` must be a non-empty list of {{'question', 'answers'}} objects, "
-                         f"got {qas!r}.")  # fmt: skip
+        raise ValueError(
+            f"{where}: field `qas` must be a non-empty list of {{'question', 'answers'}} objects, got {qas!r}."
+        )
     parts = []
     for i, qa in enumerate(qas):
         name = f"qas[{i}]"
@@ -49,18 +56,24 @@ def qa_completion(qas: Sequence[Mapping[str, Any]], qa_token: str = "<QA>", answ
             raise ValueError(f"{where}: field `{name}` must be an object with 'question' and 'answers', got {qa!r}.")
         for key in ("question", "answers"):
             if qa.get(key) is None:
-                raise ValueError(f"{where}: field `{name}.{key}` is missing. Each item needs 'question' (a string) "
-                                 "and 'answers' (a list of strings).")  # fmt: skip
+                raise ValueError(
+                    f"{where}: field `{name}.{key}` is missing. Each item needs 'question' (a string) "
+                    "and 'answers' (a list of strings)."
+                )
         question = _clean(qa["question"], f"{name}.question", where, (qa_token, answer_token))
         if question_end in question[: -len(question_end)]:
-            raise ValueError(f"{where}: field `{name}.question` contains {question_end!r} before its end: the set "
-                             f"loss ends the question there. Rephrase it: {question!r}.")  # fmt: skip
+            raise ValueError(
+                f"{where}: field `{name}.question` contains {question_end!r} before its end: the set "
+                f"loss ends the question there. Rephrase it: {question!r}."
+            )
         if not question.endswith(question_end):
             question += question_end
         answers = qa["answers"]
         if isinstance(answers, (str, bytes)) or not isinstance(answers, Sequence):
-            raise ValueError(f"{where}: field `{name}.answers` must be a list of strings (write [{answers!r}] for "
-                             f"one answer), got {type(answers).__name__}.")  # fmt: skip
+            raise ValueError(
+                f"{where}: field `{name}.answers` must be a list of strings (write [{answers!r}] for "
+                f"one answer), got {type(answers).__name__}."
+            )
         answers = [_clean(a, f"{name}.answers[{j}]", where, (qa_token, answer_token)) for j, a in enumerate(answers)]
         parts.append(" ".join([f"{qa_token} {question}", *(f"{answer_token} {a}" for a in answers)]))
     return " " + " ".join(parts)
@@ -78,8 +91,15 @@ def _clean(value: Any, name: str, where: str, separators: tuple[str, str]) -> st
     return text
 
 
-def format_qas(row: Mapping[str, Any], index: int | None = None, *, qa_token: str = "<QA>", answer_token: str = "<A>",
-               question_end: str = "?", source: str | None = None) -> dict[str, Any]:  # fmt: skip
+def format_qas(
+    row: Mapping[str, Any],
+    index: int | None = None,
+    *,
+    qa_token: str = "<QA>",
+    answer_token: str = "<A>",
+    question_end: str = "?",
+    source: str | None = None,
+) -> dict[str, Any]:
     """Convert one structured row into TRL's prompt/completion format.
 
     Args:
@@ -101,8 +121,10 @@ def format_qas(row: Mapping[str, Any], index: int | None = None, *, qa_token: st
     key = "context" if row.get("context") is not None else "prompt"
     prompt = row.get(key)
     if prompt is None:
-        raise ValueError(f"{where}: field `context` (or `prompt`) is missing. Structured rows are "
-                         "{'context': str, 'qas': [{'question': str, 'answers': [str, ...]}, ...]}.")  # fmt: skip
+        raise ValueError(
+            f"{where}: field `context` (or `prompt`) is missing. Structured rows are "
+            "{'context': str, 'qas': [{'question': str, 'answers': [str, ...]}, ...]}."
+        )
     if "qas" not in row or row["qas"] is None:
         raise ValueError(f"{where}: field `qas` is missing.")
     completion = qa_completion(row["qas"], qa_token, answer_token, question_end, where=where)
@@ -118,8 +140,9 @@ def is_structured(column_names: Sequence[str]) -> bool:
     return "qas" in column_names
 
 
-def format_qas_dataset(dataset, *, qa_token: str = "<QA>", answer_token: str = "<A>", question_end: str = "?",
-                       source: str | None = None):  # fmt: skip
+def format_qas_dataset(
+    dataset, *, qa_token: str = "<QA>", answer_token: str = "<A>", question_end: str = "?", source: str | None = None
+):
     """`format_qas` over a `datasets.Dataset`; rows already in one of TRL's formats are returned as they are.
 
     Raises:
@@ -153,8 +176,10 @@ def read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno}). Each "
-                                 "line must be one JSON value.") from error  # fmt: skip
+                raise ValueError(
+                    f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno}). Each "
+                    "line must be one JSON value."
+                ) from error
 
 
 def check_json_file(path: str) -> None:
@@ -174,18 +199,22 @@ def check_json_file(path: str) -> None:
             raise ValueError(f"{path}, line {number}: a row must be a JSON object, got {type(row).__name__}.")
         rows += 1
     if rows == 0:
-        raise ValueError(f"{path} is empty: it has no rows. Write one JSON object per line, e.g. "
-                         '{"context": "...", "qas": [{"question": "...?", "answers": ["..."]}]}.')  # fmt: skip
+        raise ValueError(
+            f"{path} is empty: it has no rows. Write one JSON object per line, e.g. "
+            '{"context": "...", "qas": [{"question": "...?", "answers": ["..."]}]}.'
+        )
 
 
-def format_structured(dataset, *, source: str, qa_token: str = "<QA>", answer_token: str = "<A>",
-                      question_end: str = "?"):  # fmt: skip
+def format_structured(
+    dataset, *, source: str, qa_token: str = "<QA>", answer_token: str = "<A>", question_end: str = "?"
+):
     """`format_qas_dataset(dataset)` if its rows are structured `{"context", "qas"}` rows, else `dataset` unchanged."""
     columns = getattr(dataset, "column_names", None)
     if not isinstance(columns, list) or not is_structured(columns):
         return dataset
-    return format_qas_dataset(dataset, qa_token=qa_token, answer_token=answer_token, question_end=question_end,
-                              source=source)  # fmt: skip
+    return format_qas_dataset(
+        dataset, qa_token=qa_token, answer_token=answer_token, question_end=question_end, source=source
+    )
 
 
 def load_qa_dataset(name_or_path: str, config: str | None = None, streaming: bool = False, **kwargs):

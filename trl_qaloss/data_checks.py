@@ -176,14 +176,17 @@ def check_set_targets(dataset, seps: QASeparators, tokenizer, name: str, args, h
         start += len(rows)
     if hint:  # truncation cut the answers: that is the fix to name
         raise ValueError(f"No target answer of `{name}` is left after truncation to `max_length`. {hint}")
-    lines = [f"No row of `{name}` has a target answer among its trained tokens, so the set loss would be 0 at every "
-             "step:"]  # fmt: skip
+    lines = [
+        f"No row of `{name}` has a target answer among its trained tokens, so the set loss would be 0 at every step:"
+    ]
     if first["all_masked"] is not None:
         lines.append(f"- rows whose labels are all masked (-100), e.g. row {first['all_masked'][0]};")
     if first["no_qa"] is not None:
         index, row = first["no_qa"]
-        lines.append(f"- rows without `qa_token`={qa_token!r} in their trained tokens, e.g. row {index}: "
-                     f"{_trained_text(row, tokenizer)};")  # fmt: skip
+        lines.append(
+            f"- rows without `qa_token`={qa_token!r} in their trained tokens, e.g. row {index}: "
+            f"{_trained_text(row, tokenizer)};"
+        )
     if first["no_answer"] is not None:
         index, row = first["no_answer"]
         lines.append(

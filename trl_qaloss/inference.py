@@ -121,8 +121,9 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
     return list(encoded["input_ids"])
 
 
-def complete(loaded: LoadedModel, prompts: list, max_new_tokens: int = 256, batch_size: int = 8,
-             progress: bool = True) -> list[str]:  # fmt: skip
+def complete(
+    loaded: LoadedModel, prompts: list, max_new_tokens: int = 256, batch_size: int = 8, progress: bool = True
+) -> list[str]:
     """Greedy completions of `prompts` (texts or chat message lists), decoded with the separators kept."""
     import torch
 
@@ -152,8 +153,10 @@ def read_prompts(path: str) -> list:
         if isinstance(row, dict):
             row = next((row[key] for key in ("prompt", "context", "messages") if row.get(key) is not None), None)
         if not isinstance(row, (str, list)):
-            raise ValueError(f"{path}, line {number}: a prompt is a JSON string or an object with a `prompt` (or "
-                             "`context`, `messages`) field.")  # fmt: skip
+            raise ValueError(
+                f"{path}, line {number}: a prompt is a JSON string or an object with a `prompt` (or "
+                "`context`, `messages`) field."
+            )
         prompts.append(row)
     if not prompts:
         raise ValueError(f"{path} is empty: it has no prompts.")
@@ -187,8 +190,11 @@ def run_generate(argv: list[str]) -> None:
     )
     add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompts", metavar="FILE.jsonl", help="one prompt per line: a JSON string or an object "
-                        "with a `prompt` (or `context`, or `messages`) field")  # fmt: skip
+    source.add_argument(
+        "--prompts",
+        metavar="FILE.jsonl",
+        help="one prompt per line: a JSON string or an object with a `prompt` (or `context`, or `messages`) field",
+    )
     source.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
     parser.add_argument("--output", metavar="FILE.jsonl", help="where to write the lines (default: stdout)")
     args = _parse(parser, argv)
@@ -246,11 +252,15 @@ def run_evaluate(argv: list[str]) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument("--dataset_name", required=True, help="a .jsonl file, a directory of them, or a hub dataset")
-    parser.add_argument("--dataset_split", help="split to evaluate (default: 'test' if the dataset has it, else "
-                        "'train')")  # fmt: skip
+    parser.add_argument(
+        "--dataset_split", help="split to evaluate (default: 'test' if the dataset has it, else 'train')"
+    )
     parser.add_argument("--eval_generate_samples", type=int, help="evaluate only the first N rows (default: all)")
-    parser.add_argument("--output", metavar="FILE.json", help="where to write the metrics (default: "
-                        "eval_results.json in the adapter directory, or the current one)")  # fmt: skip
+    parser.add_argument(
+        "--output",
+        metavar="FILE.json",
+        help="where to write the metrics (default: eval_results.json in the adapter directory, or the current one)",
+    )
     args = _parse(parser, argv)
     if args.eval_generate_samples is not None and args.eval_generate_samples < 1:
         parser.error(f"--eval_generate_samples must be at least 1, got {args.eval_generate_samples}")

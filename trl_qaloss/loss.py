@@ -1,4 +1,23 @@
-"""The order-invariant answer-set loss, batched: parsing, IoU and pair cross-entropy as tensor operations."""
+"""The order-invariant answer-set loss, batched: parsing, matching, pair costs and log-probabilities as tensor steps.
+
+Where each rule lives:
+- parsing items and answers: `parsing.py`;
+- the similarity of two answers: `similarity.token_iou`, used by `matching.AnswerSetMatcher`;
+- what each target token costs once answers are matched: `pair_costs` (below);
+- how the summed costs are reduced: `reduction.py`.
+
+Dimension letters, here and in the modules above (each letter has one meaning):
+    B rows of the batch            T positions of a row (un-shifted: logits and labels as the model sees them)
+    P = T - 1 target positions     (shifted: `logits[:, p]` predicts `targets[:, p]`, which is label `p + 1`)
+    V vocabulary                   R labelled positions of the batch (label != -100)
+    S packed sequences (S = B without packing)
+    I items of the batch           A answers of one side (target or predicted)
+    E answer tokens of one side    L tokens of one answer
+    N answers per item after padding with empty answers
+    M matched pairs                U missing target answers
+    C entries read by the matched pairs (one per target token of a pair read at a labelled position)
+    K positions kept by a scoring forward (`answer_order.py`)
+"""
 
 from __future__ import annotations
 
@@ -8,12 +27,11 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import record_function
 
-from .logprobs import log_sum_exp, selected_log_probs, vocab_stats
-from .matching import AnswerSets, align_answers
-from .parsing import AnswerTokens, parse_answer_tokens, sequence_index
+from .logprobs import VocabStats, log_sum_exp, selected_log_probs, vocab_stats
+from .matching import Alignment, align_answers
+from .parsing import parse_answer_tokens, sequence_index
+from .reduction import REDUCTIONS, reduce_set_loss, reduction_count
 from .separators import QASeparators
-
-REDUCTIONS = ("mean", "sum")
 
 
 @dataclass
@@ -22,8 +40,8 @@ class SetLossOutput:
 
     Attributes:
         loss: 0-dim float32 tensor, differentiable w.r.t. the logits.
-        stats: `target_answers`, `target_tokens`, `matched`, `missing`, `extra` (counts) and `mean_iou` (over matched
-            pairs, 0 if none).
+        stats: `target_answers`, `target_tokens`, `matched`, `missing`, `extra` (counts) and `mean_iou` (the mean
+            similarity of the matched pairs, 0 if none).
     """
 
     loss: torch.Tensor
@@ -37,9 +55,10 @@ class SetLossTerms:
     Attributes:
         set_sum: 0-dim float32, sum of all pair costs.
         stats: as in `SetLossOutput`.
-        rows_b, rows_p: `[R]` coordinates of the valid positions; argmax `[R]`; lse `[R]` their log-sum-exp (None
+        rows_b, rows_p: `[R]` coordinates of the labelled positions; argmax `[R]`; lse `[R]` their log-sum-exp (None
             unless `with_sft` or `with_entropy`: the set term alone reads only its pairs' rows); entropy `[R]` or
             None. Callers reuse them for the SFT term instead of another pass over the logits.
+        sft_log_probs: `[R]` log-probability of every labelled target token (with `with_sft`), else None.
     """
 
     set_sum: torch.Tensor
@@ -52,136 +71,187 @@ class SetLossTerms:
     sft_log_probs: torch.Tensor | None = None
 
 
+@dataclass
+class PairCosts:
+    """What the set loss of a batch is made of, from `pair_costs`.
+
+    Attributes:
+        read_row, read_pos, read_token: `[C]` the entries whose `-log p(read_token | row, pos)` the loss adds.
+        uniform_tokens: the number of target tokens that cost `log V` each.
+    """
+
+    read_row: torch.Tensor
+    read_pos: torch.Tensor
+    read_token: torch.Tensor
+    uniform_tokens: int
+
+    def total(self, read_log_probs: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """The set sum: `-sum(read_log_probs) + uniform_tokens * log V`, `read_log_probs` `[C]` those of the entries."""
+        return -read_log_probs.sum() + self.uniform_tokens * math.log(vocab_size)
+
+
+def pair_costs(alignment: Alignment, valid: torch.Tensor, seq_starts: torch.Tensor | None = None) -> PairCosts:
+    """The pair-cost rule: what every target answer token costs once each item's answers are matched.
+
+    - Matched pair: target answer j (tokens y_0..y_{L-1}) matched with a predicted answer whose first kept token sits
+      at position s. Token y_t is read at position s + t and costs `-log p(y_t)` there: the prediction is scored
+      against the target's tokens from where it started.
+    - A read position s + t past the end of the row, unlabelled (label -100), or in another packed sequence than s
+      costs `log V` instead: a uniform guess.
+    - Missing target answer (matched with an empty predicted answer, or its item has no predicted answer): each of
+      its L tokens costs `log V`.
+    - Extra predicted answer (matched with an empty target answer): costs nothing; the loss counts target tokens.
+
+    Args:
+        alignment: from `align_answers`.
+        valid: `[B, P]` bool, the labelled positions.
+        seq_starts: optional `[B, P]` bool sequence starts of packed rows.
+    """
+    target_tokens, pred_tokens = alignment.target_tokens, alignment.pred_tokens
+    target, pred, matching = alignment.target_answers, alignment.pred_answers, alignment.matching
+    device = target.length.device
+    lengths = target.length[matching.matched_target]  # [M]
+    pair_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)  # [pair tokens]
+    offset = torch.arange(pair_of.numel(), device=device) - (lengths.cumsum(0) - lengths)[pair_of]
+    target_entry = target.entry_start[matching.matched_target][pair_of] + offset
+    row = target_tokens.row[target_entry]
+    start = pred_tokens.pos[pred.entry_start[matching.matched_pred]][pair_of]
+    pos = start + offset
+    clamped = pos.clamp(max=valid.size(1) - 1)
+    readable = (pos < valid.size(1)) & valid[row, clamped]
+    if seq_starts is not None:
+        seq_of = sequence_index(seq_starts, valid.shape, valid.device)
+        readable &= seq_of[row, clamped] == seq_of[row, start]
+    missing_tokens = int(target.length[matching.missing_target].sum())
+    return PairCosts(
+        read_row=row[readable],
+        read_pos=pos[readable],
+        read_token=target_tokens.token[target_entry][readable],
+        uniform_tokens=int((~readable).sum()) + missing_tokens,
+    )
+
+
 def _check_inputs(
-    logits: torch.Tensor, targets: torch.Tensor, reduction: str, position_ids: torch.Tensor | None = None
+    logits: torch.Tensor, labels: torch.Tensor, reduction: str, position_ids: torch.Tensor | None = None
 ) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
-    if logits.dim() != 3 or targets.dim() != 2 or logits.shape[0] != targets.shape[0]:
+    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[0] != labels.shape[0]:
         raise ValueError(
-            f"Expected logits [B, T, V] and labels [B, T]; got {tuple(logits.shape)} and {tuple(targets.shape)}."
+            f"Expected logits [B, T, V] and labels [B, T]; got {tuple(logits.shape)} and {tuple(labels.shape)}."
         )
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a float tensor, got {logits.dtype}.")
-    if position_ids is not None and position_ids.shape != targets.shape:
+    if position_ids is not None and position_ids.shape != labels.shape:
         raise ValueError(
-            f"`position_ids` must have the labels' shape {tuple(targets.shape)}, got {tuple(position_ids.shape)}."
+            f"`position_ids` must have the labels' shape {tuple(labels.shape)}, got {tuple(position_ids.shape)}."
         )
+
+
+def _labelled_position_stats(
+    logits: torch.Tensor, valid: torch.Tensor, with_lse: bool, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor, VocabStats]:
+    """`(rows_b [R], rows_p [R], stats)`: the labelled positions and their max, argmax (and log-sum-exp, entropy)."""
+    rows_b, rows_p = valid.nonzero(as_tuple=True)
+    with record_function("qaloss.vocab_stats"):
+        stats = vocab_stats(logits, rows_b * logits.size(1) + rows_p, with_lse=with_lse, with_entropy=with_entropy)
+    return rows_b, rows_p, stats
+
+
+def _read_log_probs(
+    logits: torch.Tensor,
+    rows_b: torch.Tensor,
+    rows_p: torch.Tensor,
+    position_stats: VocabStats,
+    entries: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """`[n]` log-probabilities of the `entries` `(row, position, token)`, each `[n]` at labelled positions, in one
+    pass over the logits rows they read (reusing the labelled positions' log-sum-exp when it was computed)."""
+    entry_b, entry_p, entry_token = entries
+    rows = rows_b * logits.size(1) + rows_p  # rows of logits.view(-1, V)
+    # Map each entry to its index among the labelled positions.
+    index_of = torch.full(logits.shape[:2], -1, dtype=torch.long, device=logits.device)
+    index_of[rows_b, rows_p] = torch.arange(rows_b.numel(), device=logits.device)
+    entry_index = index_of[entry_b, entry_p]
+    read_rows, lse = rows, position_stats.lse
+    if lse is None:
+        read, entry_index = torch.unique(entry_index, return_inverse=True)
+        read_rows = rows[read]
+        lse = log_sum_exp(logits, read_rows, position_stats.max[read])
+    return selected_log_probs(logits, read_rows, lse, entry_index, entry_token)
 
 
 def set_loss_terms(
     logits: torch.Tensor,
-    targets: torch.Tensor,
+    target_ids: torch.Tensor,
     seps: QASeparators,
     with_sft: bool = False,
     with_entropy: bool = False,
     seq_starts: torch.Tensor | None = None,
 ) -> SetLossTerms:
-    """The set loss of a batch whose rows are already shifted: `logits[b, p]` predicts `targets[b, p]`.
+    """The set loss of a batch whose rows are already shifted: `logits[b, p]` predicts `target_ids[b, p]`.
+
+    Steps: statistics of the labelled positions (the argmax is the prediction), `align_answers` (parse and match),
+    `pair_costs` (the rule), then one read of the log-probabilities the costs (and the SFT term) need.
 
     Args:
         logits: `[B, T, V]` with T >= P; positions p >= P are never read.
-        targets: `[B, P]` target ids, -100 where ignored.
+        target_ids: `[B, P]` target ids, -100 where ignored.
         seps: separators and token classes.
-        with_sft: also return the log-probabilities of every valid target token (`sft_log_probs`, `[R]`), from the
+        with_sft: also return the log-probabilities of every labelled target token (`sft_log_probs`, `[R]`), from the
             same pass over the logits and the same backward.
-        with_entropy: also compute the entropy of every valid position (no gradient).
+        with_entropy: also compute the entropy of every labelled position (no gradient).
         seq_starts: optional `[B, P]` bool, True at the targets that start a packed sequence (see `seq_starts_from`):
             items never span two sequences, and are paired per sequence.
     """
-    batch, num_pos = targets.shape
     vocab_size = logits.size(-1)
-    device = logits.device
-    targets = targets.to(device)
-    valid = targets != -100
-    rows_b, rows_p = valid.nonzero(as_tuple=True)  # [R]
-    rows = rows_b * logits.size(1) + rows_p  # rows of logits.view(-1, V)
-    with record_function("qaloss.vocab_stats"):
-        # The SFT term and the entropy need every row's log-sum-exp; the set term alone only that of the rows its
-        # pairs read, computed once those are known.
-        stats_of_rows = vocab_stats(logits, rows, with_lse=with_sft or with_entropy, with_entropy=with_entropy)
-    predictions = torch.zeros_like(targets)
-    predictions[rows_b, rows_p] = stats_of_rows.argmax
+    target_ids = target_ids.to(logits.device)
+    valid = target_ids != -100
+    # The SFT term and the entropy need every labelled row's log-sum-exp; the set term alone only that of the rows
+    # its pairs read, computed once those are known.
+    rows_b, rows_p, position_stats = _labelled_position_stats(logits, valid, with_sft or with_entropy, with_entropy)
+    predictions = torch.zeros_like(target_ids)
+    predictions[rows_b, rows_p] = position_stats.argmax
 
-    alignment = align_answers(targets, predictions, valid, seps, vocab_size, seq_starts)
-    target_tokens, pred_tokens = alignment.target_tokens, alignment.pred_tokens
-    target, pred, matching = alignment.target, alignment.pred, alignment.matching
+    alignment = align_answers(target_ids, predictions, valid, seps, vocab_size, seq_starts)
 
     with record_function("qaloss.pair_ce"):
-        seq_of = None if seq_starts is None else sequence_index(seq_starts, valid.shape, device)
-        entry_b, entry_p, entry_y, num_uniform = _pair_entries(
-            matching.matched_pred, matching.matched_target, pred_tokens, pred, target_tokens, target, valid, seq_of
-        )
-        # A pair token read at an invalid position, and every token of a missing answer, costs log(V): a uniform
-        # guess.
-        num_uniform = num_uniform + int(target.length[matching.missing_target].sum())
-
-        # Map each entry to its row among the valid positions (entries are all at valid positions).
-        row_of = torch.full((batch, num_pos), -1, dtype=torch.long, device=device)
-        row_of[rows_b, rows_p] = torch.arange(rows_b.numel(), device=device)
-        entry_row, entry_token = row_of[entry_b, entry_p], entry_y
-        if with_sft:
-            entry_row = torch.cat([torch.arange(rows_b.numel(), device=device), entry_row])
-            entry_token = torch.cat([targets[rows_b, rows_p], entry_token])
-        read_rows, lse = rows, stats_of_rows.lse
-        if lse is None:
-            read, entry_row = torch.unique(entry_row, return_inverse=True)
-            read_rows = rows[read]
-            lse = log_sum_exp(logits, read_rows, stats_of_rows.max[read])
-        log_probs = selected_log_probs(logits, read_rows, lse, entry_row, entry_token)
+        costs = pair_costs(alignment, valid, seq_starts)
+        entries = (costs.read_row, costs.read_pos, costs.read_token)
         num_sft = rows_b.numel() if with_sft else 0
-        set_sum = -log_probs[num_sft:].sum() + num_uniform * math.log(vocab_size)
+        if with_sft:
+            entries = (
+                torch.cat([rows_b, entries[0]]),
+                torch.cat([rows_p, entries[1]]),
+                torch.cat([target_ids[rows_b, rows_p], entries[2]]),
+            )
+        log_probs = _read_log_probs(logits, rows_b, rows_p, position_stats, entries)
+        set_sum = costs.total(log_probs[num_sft:], vocab_size)
 
-    num_matched = matching.matched_pred.numel()
-    stats = {
-        "target_answers": float(target.length.numel()),
-        "target_tokens": float(target_tokens.token.numel()),
-        "matched": float(num_matched),
-        "missing": float(matching.missing_target.numel()),
-        "extra": float(matching.num_extra),
-        "mean_iou": float(matching.matched_iou.mean()) if num_matched else 0.0,
-    }
     return SetLossTerms(
-        set_sum,
-        stats,
-        rows_b,
-        rows_p,
-        stats_of_rows.lse,
-        stats_of_rows.argmax,
-        stats_of_rows.entropy,
-        log_probs[:num_sft] if with_sft else None,
+        set_sum=set_sum,
+        stats=alignment_stats(alignment),
+        rows_b=rows_b,
+        rows_p=rows_p,
+        lse=position_stats.lse,
+        argmax=position_stats.argmax,
+        entropy=position_stats.entropy,
+        sft_log_probs=log_probs[:num_sft] if with_sft else None,
     )
 
 
-def _pair_entries(
-    matched_pred: torch.Tensor,
-    matched_target: torch.Tensor,
-    pred_tokens: AnswerTokens,
-    pred: AnswerSets,
-    target_tokens: AnswerTokens,
-    target: AnswerSets,
-    valid: torch.Tensor,
-    seq_of: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """The (row, position, target token) read by every matched pair, and how many pair tokens fall off valid positions.
-
-    Target answer j (tokens y_0..y_{L-1}) matched with predicted answer i starting at position s reads position s + t
-    for y_t: the prediction is scored against the target's tokens from where it started. With `seq_of` (`[B, P]`
-    sequence index of every position), a position of another sequence counts as off the valid positions.
-    """
-    device = target.length.device
-    lengths = target.length[matched_target]  # [M]
-    pair_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)  # [N_pair_tokens]
-    offset = torch.arange(pair_of.numel(), device=device) - (lengths.cumsum(0) - lengths)[pair_of]
-    target_entry = target.entry_start[matched_target][pair_of] + offset
-    row = target_tokens.row[target_entry]
-    start = pred_tokens.pos[pred.entry_start[matched_pred]][pair_of]
-    pos = start + offset
-    clamped = pos.clamp(max=valid.size(1) - 1)
-    at_valid = (pos < valid.size(1)) & valid[row, clamped]
-    if seq_of is not None:
-        at_valid &= seq_of[row, clamped] == seq_of[row, start]
-    return row[at_valid], pos[at_valid], target_tokens.token[target_entry][at_valid], int((~at_valid).sum())
+def alignment_stats(alignment: Alignment) -> dict[str, float]:
+    """The counts of `SetLossOutput.stats` from an alignment."""
+    matching, target = alignment.matching, alignment.target_answers
+    num_matched = matching.matched_pred.numel()
+    return {
+        "target_answers": float(target.length.numel()),
+        "target_tokens": float(alignment.target_tokens.token.numel()),
+        "matched": float(num_matched),
+        "missing": float(matching.missing_target.numel()),
+        "extra": float(matching.num_extra),
+        "mean_iou": float(matching.matched_similarity.mean()) if num_matched else 0.0,
+    }
 
 
 def set_matching_loss(
@@ -198,31 +268,35 @@ def set_matching_loss(
         labels: `[B, T]` un-shifted labels, -100 where ignored, as passed to a causal LM's forward.
         seps: from `QASeparators.from_tokenizer`.
         reduction: `"sum"` of all pair costs, or `"mean"`: that sum over the number of target answer tokens
-            (0 when there are none).
+            (0 when there are none). See `reduction.py`.
         position_ids: optional `[B, T]`, as passed to the model; for packed (padding-free) rows, each 0 starts a new
             sequence: the loss is then the sum of the sequences' losses (for "sum").
     """
     _check_inputs(logits, labels, reduction, position_ids)
     terms = set_loss_terms(logits, labels[:, 1:], seps, seq_starts=seq_starts_from(position_ids))
-    return SetLossOutput(reduce_set_loss(terms.set_sum, terms.stats["target_tokens"], reduction), terms.stats)
+    loss = reduce_set_loss(terms.set_sum, reduction_count(reduction, terms.stats), reduction)
+    return SetLossOutput(loss, terms.stats)
 
 
-def reduce_set_loss(set_sum: torch.Tensor, num_target_tokens: float | torch.Tensor, reduction: str) -> torch.Tensor:
-    """`set_sum` itself, or over `num_target_tokens` (a count or a 0-dim tensor, e.g. gathered across processes)."""
-    if reduction == "sum":
-        return set_sum
-    # Clamped so that a batch without answers gives a zero that is still part of the graph.
-    count = torch.as_tensor(num_target_tokens, dtype=torch.float32, device=set_sum.device)
-    return set_sum / count.clamp(min=1)
+def target_counts(
+    target_ids: torch.Tensor, seps: QASeparators, seq_starts: torch.Tensor | None = None
+) -> dict[str, float]:
+    """`target_answers` and `target_tokens` of shifted `target_ids` `[B, P]`, as the loss counts them, without
+    logits: what `reduction_count` reads."""
+    valid = target_ids != -100
+    num_ids = max(seps.vocab_size or 0, int(target_ids.max()) + 1 if target_ids.numel() else 1)
+    tokens = parse_answer_tokens(target_ids, valid, seps, num_ids, seq_starts)
+    # Tokens are sorted by (row, position): each answer is a run of equal (row, answer number).
+    starts_answer = torch.ones_like(tokens.row, dtype=torch.bool)
+    starts_answer[1:] = (tokens.row[1:] != tokens.row[:-1]) | (tokens.answer[1:] != tokens.answer[:-1])
+    return {"target_answers": float(starts_answer.sum()), "target_tokens": float(tokens.token.numel())}
 
 
 def count_target_answer_tokens(
-    targets: torch.Tensor, seps: QASeparators, seq_starts: torch.Tensor | None = None
+    target_ids: torch.Tensor, seps: QASeparators, seq_starts: torch.Tensor | None = None
 ) -> int:
-    """Number of target answer tokens in shifted `targets` `[B, P]`: the denominator of the "mean" reduction."""
-    valid = targets != -100
-    num_ids = max(seps.vocab_size or 0, int(targets.max()) + 1 if targets.numel() else 1)
-    return parse_answer_tokens(targets, valid, seps, num_ids, seq_starts).token.numel()
+    """Number of target answer tokens in shifted `target_ids` `[B, P]`."""
+    return int(target_counts(target_ids, seps, seq_starts)["target_tokens"])
 
 
 def seq_starts_from(position_ids: torch.Tensor | None, first: int = 0) -> torch.Tensor | None:

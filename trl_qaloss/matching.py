@@ -1,4 +1,8 @@
-"""Grouping parsed answers into per-item sets, token-IoU cost matrices, and the Hungarian assignment."""
+"""Grouping parsed answers into per-item sets, similarity matrices, and the Hungarian assignment.
+
+Dimension letters as in `loss.py`: A answers of one side, E their tokens, I items, N answers per item after padding,
+M matched pairs, U missing target answers.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from torch.profiler import record_function
 
 from .parsing import AnswerTokens, parse_answer_tokens
 from .separators import QASeparators
+from .similarity import token_iou
 
 
 @dataclass
@@ -51,26 +56,33 @@ class Matching:
 
     Attributes:
         matched_pred, matched_target: `[M]` answer indices (into the predicted / target `AnswerSets`) of pairs whose
-            both sides are real answers; matched_iou: `[M]` their IoU (float64).
-        missing_target: `[K]` target answers assigned to an empty predicted answer.
+            both sides are real answers; matched_similarity: `[M]` their similarity (float64).
+        missing_target: `[U]` target answers assigned to an empty predicted answer.
         num_extra: predicted answers assigned to an empty target answer.
     """
 
     matched_pred: torch.Tensor
     matched_target: torch.Tensor
-    matched_iou: torch.Tensor
+    matched_similarity: torch.Tensor
     missing_target: torch.Tensor
     num_extra: int
 
 
 class AnswerSetMatcher:
-    """Aligns predicted and target answers of each item pair by maximal token IoU.
+    """Aligns predicted and target answers of each item pair by maximal similarity.
 
     For an item with m predicted and n target answers, both lists are padded with empty answers to N = max(m, n)
-    and `linear_sum_assignment` solves the N x N matrix `-IoU`, with IoU(a, b) = |a & b| / |a | b| over token sets
-    and IoU(empty, empty) = 0. The IoU of all items comes from one batched product of multi-hot token matrices; all
-    cost matrices are copied to the host once, and the per-item assignment is the only loop.
+    and `linear_sum_assignment` solves the N x N matrix `-similarity`. The similarity (`token_iou` unless another is
+    passed) is computed for all items at once from overlap counts, which come from one batched product of multi-hot
+    token matrices; all matrices are copied to the host once, and the per-item assignment is the only loop.
+
+    Args:
+        similarity: `(intersection [I, N, N], pred_sizes [I, N], target_sizes [I, N]) -> [I, N, N]` float64, counts
+            of distinct tokens (see `similarity.token_iou`).
     """
+
+    def __init__(self, similarity=token_iou):
+        self.similarity = similarity
 
     def __call__(
         self, pred_tokens: AnswerTokens, pred: AnswerSets, target_tokens: AnswerTokens, target: AnswerSets
@@ -79,8 +91,9 @@ class AnswerSetMatcher:
         num_items = target.per_item.numel()
         sizes = torch.maximum(pred.per_item, target.per_item)  # [I]
         with record_function("qaloss.iou"):
-            iou = self.iou_matrices(pred_tokens, pred, target_tokens, target, int(sizes.max()) if num_items else 0)
-            cost = (-iou).cpu().numpy()
+            counts = overlap_counts(pred_tokens, pred, target_tokens, target, int(sizes.max()) if num_items else 0)
+            similarity = self.similarity(*counts)
+            cost = (-similarity).cpu().numpy()
 
         with record_function("qaloss.assignment"):
             # Items where one side is empty have nothing to align: every answer there is missing or extra.
@@ -109,40 +122,46 @@ class AnswerSetMatcher:
         unsolved_target = pred.per_item[target.item] == 0
         missing = torch.cat([missing_in_solved, unsolved_target.nonzero().flatten()]).sort().values
         num_extra = int((col >= n).sum()) + int(pred.per_item[target.per_item == 0].sum())
-        return Matching(matched_pred, matched_target, iou[item[both], row[both], col[both]], missing, num_extra)
+        matched_similarity = similarity[item[both], row[both], col[both]]
+        return Matching(matched_pred, matched_target, matched_similarity, missing, num_extra)
 
-    @staticmethod
-    def iou_matrices(
-        pred_tokens: AnswerTokens, pred: AnswerSets, target_tokens: AnswerTokens, target: AnswerSets, size: int
-    ) -> torch.Tensor:
-        """`[I, size, size]` float64 IoU of predicted answer i and target answer j of every item (0 on padding)."""
-        device = target.per_item.device
-        num_items = target.per_item.numel()
-        if size == 0:
-            return torch.zeros(num_items, 0, 0, dtype=torch.float64, device=device)
 
-        def answer_of_tokens(sets: AnswerSets) -> torch.Tensor:
-            return torch.repeat_interleave(torch.arange(sets.length.numel(), device=device), sets.length)
+def overlap_counts(
+    pred_tokens: AnswerTokens, pred: AnswerSets, target_tokens: AnswerTokens, target: AnswerSets, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct-token counts of every item's answers, padded with empty answers to `size` (N) per item.
 
-        pred_answer, target_answer = answer_of_tokens(pred), answer_of_tokens(target)
-        pred_item, target_item = pred.item[pred_answer], target.item[target_answer]
-        # Number the distinct tokens of each item 0..K-1, over both sides, so the multi-hot matrices stay small.
-        vocab = int(torch.cat([pred_tokens.token, target_tokens.token]).max()) + 1
-        keys = torch.cat([pred_item * vocab + pred_tokens.token, target_item * vocab + target_tokens.token])
-        unique_keys, slot = torch.unique(keys, return_inverse=True)
-        per_item = torch.bincount(unique_keys // vocab, minlength=num_items)
-        slot = slot - (per_item.cumsum(0) - per_item)[keys // vocab]
-        width = int(per_item.max())
-        pred_slot, target_slot = slot[: pred_item.numel()], slot[pred_item.numel() :]
+    Returns:
+        `(intersection [I, N, N], pred_sizes [I, N], target_sizes [I, N])`, float32 (small integers, exact):
+        `intersection[i, a, b]` tokens predicted answer a and target answer b of item i share; the sizes, each
+        answer's distinct tokens (0 on padding).
+    """
+    device = target.per_item.device
+    num_items = target.per_item.numel()
+    if size == 0:
+        empty = torch.zeros(num_items, 0, device=device)
+        return torch.zeros(num_items, 0, 0, device=device), empty, empty
 
-        pred_hot = torch.zeros(num_items, size, width, device=device)
-        target_hot = torch.zeros(num_items, size, width, device=device)
-        pred_hot[pred_item, pred.index[pred_answer], pred_slot] = 1.0
-        target_hot[target_item, target.index[target_answer], target_slot] = 1.0
-        # Counts are small integers, exact in float32; the division is done in float64 like Python's.
-        inter = torch.bmm(pred_hot, target_hot.transpose(1, 2)).double()
-        union = pred_hot.sum(-1).double()[:, :, None] + target_hot.sum(-1).double()[:, None, :] - inter
-        return torch.where(union > 0, inter / union.clamp(min=1), 0.0)
+    def answer_of_tokens(sets: AnswerSets) -> torch.Tensor:
+        return torch.repeat_interleave(torch.arange(sets.length.numel(), device=device), sets.length)
+
+    pred_answer, target_answer = answer_of_tokens(pred), answer_of_tokens(target)
+    pred_item, target_item = pred.item[pred_answer], target.item[target_answer]
+    # Number the distinct tokens of each item 0, 1, ... over both sides, so the multi-hot matrices stay small.
+    vocab = int(torch.cat([pred_tokens.token, target_tokens.token]).max()) + 1
+    keys = torch.cat([pred_item * vocab + pred_tokens.token, target_item * vocab + target_tokens.token])
+    unique_keys, slot = torch.unique(keys, return_inverse=True)
+    per_item = torch.bincount(unique_keys // vocab, minlength=num_items)
+    slot = slot - (per_item.cumsum(0) - per_item)[keys // vocab]
+    width = int(per_item.max())
+    pred_slot, target_slot = slot[: pred_item.numel()], slot[pred_item.numel() :]
+
+    pred_hot = torch.zeros(num_items, size, width, device=device)
+    target_hot = torch.zeros(num_items, size, width, device=device)
+    pred_hot[pred_item, pred.index[pred_answer], pred_slot] = 1.0
+    target_hot[target_item, target.index[target_answer], target_slot] = 1.0
+    intersection = torch.bmm(pred_hot, target_hot.transpose(1, 2))
+    return intersection, pred_hot.sum(-1), target_hot.sum(-1)
 
 
 @dataclass
@@ -151,8 +170,8 @@ class Alignment:
 
     target_tokens: AnswerTokens
     pred_tokens: AnswerTokens
-    target: AnswerSets
-    pred: AnswerSets
+    target_answers: AnswerSets
+    pred_answers: AnswerSets
     matching: Matching
 
 
@@ -163,8 +182,9 @@ def align_answers(
     seps: QASeparators,
     num_ids: int,
     seq_starts: torch.Tensor | None = None,
+    matcher: AnswerSetMatcher | None = None,
 ) -> Alignment:
-    """Parse targets and predictions into answer sets and align every item's answers by token IoU.
+    """Parse targets and predictions into answer sets and align every item's answers by their similarity.
 
     The k-th predicted item of a sequence is paired with its k-th target item; extra predicted items are ignored.
 
@@ -173,6 +193,7 @@ def align_answers(
         valid: `[B, P]` bool, the positions to read (labels != -100).
         seps: the separators and token classes. num_ids: vocabulary size.
         seq_starts: optional `[B, P]` bool sequence starts of packed rows.
+        matcher: the `AnswerSetMatcher` (token IoU by default).
     """
     with record_function("qaloss.parse"):
         target_tokens = parse_answer_tokens(targets, valid, seps, num_ids, seq_starts)
@@ -181,7 +202,15 @@ def align_answers(
         item_offset = num_items.cumsum(0) - num_items  # [S]
         pred_tokens = pred_tokens.select(pred_tokens.item <= num_items[pred_tokens.seq])
         total_items = int(num_items.sum())
-        target = group_answers(target_tokens, item_offset[target_tokens.seq] + target_tokens.item - 1, total_items)
-        pred = group_answers(pred_tokens, item_offset[pred_tokens.seq] + pred_tokens.item - 1, total_items)
-    matching = AnswerSetMatcher()(pred_tokens, pred, target_tokens, target)
-    return Alignment(target_tokens, pred_tokens, target, pred, matching)
+        target_answers = group_answers(
+            target_tokens, item_offset[target_tokens.seq] + target_tokens.item - 1, total_items
+        )
+        pred_answers = group_answers(pred_tokens, item_offset[pred_tokens.seq] + pred_tokens.item - 1, total_items)
+    matching = (matcher or AnswerSetMatcher())(pred_tokens, pred_answers, target_tokens, target_answers)
+    return Alignment(
+        target_tokens=target_tokens,
+        pred_tokens=pred_tokens,
+        target_answers=target_answers,
+        pred_answers=pred_answers,
+        matching=matching,
+    )

@@ -55,11 +55,26 @@ from .parsing import QAItem, parse_qa_text
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 
-SCORE_KEYS = ("set_precision", "set_recall", "set_f1", "soft_precision", "soft_recall", "soft_f1",
-              "exact_set_match", "cardinality_error", "cardinality_bias")  # fmt: skip
+SCORE_KEYS = (
+    "set_precision",
+    "set_recall",
+    "set_f1",
+    "soft_precision",
+    "soft_recall",
+    "soft_f1",
+    "exact_set_match",
+    "cardinality_error",
+    "cardinality_bias",
+)
 MATCH_QUESTIONS = ("position", "text")
-COUNT_KEYS = ("questions_expected", "questions_predicted", "questions_matched", "parse_failures",
-              "reference_parse_failures", "num_examples")  # fmt: skip
+COUNT_KEYS = (
+    "questions_expected",
+    "questions_predicted",
+    "questions_matched",
+    "parse_failures",
+    "reference_parse_failures",
+    "num_examples",
+)
 
 
 def normalize_answer(text: str) -> str:

@@ -46,9 +46,15 @@ class AnswerTokens:
 
     def select(self, keep: torch.Tensor) -> AnswerTokens:
         return AnswerTokens(
-            self.row[keep], self.pos[keep], self.token[keep], self.item[keep], self.answer[keep], self.num_items,
-            self.seq[keep], None if self.start is None else self.start[keep],
-        )  # fmt: skip
+            self.row[keep],
+            self.pos[keep],
+            self.token[keep],
+            self.item[keep],
+            self.answer[keep],
+            self.num_items,
+            self.seq[keep],
+            None if self.start is None else self.start[keep],
+        )
 
 
 def _count_since_last_qa(marks: torch.Tensor, is_qa: torch.Tensor) -> torch.Tensor:

@@ -15,14 +15,20 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from .answer_order import check_reorder_inputs
-from .loss import SetLossOutput, _check_inputs, reduce_set_loss
+from .loss import SetLossOutput, _check_inputs
 from .parsing import parse_row, parse_row_answers
+from .reduction import reduce_set_loss, reduction_count
 from .separators import QASeparators
+from .similarity import token_iou
 
 
-def _iou(a: set[int], b: set[int]) -> float:
-    union = a | b
-    return len(a & b) / len(union) if union else 0.0
+def _similarity(preds: list[set[int]], targets: list[set[int]]) -> np.ndarray:
+    """`[n, m]` `token_iou` of every (predicted, target) pair of one item, its counts taken with Python sets."""
+    intersection = torch.tensor([[len(p & t) for t in targets] for p in preds], dtype=torch.float64)
+    pred_sizes = torch.tensor([len(p) for p in preds], dtype=torch.float64)
+    target_sizes = torch.tensor([len(t) for t in targets], dtype=torch.float64)
+    shape = (1, len(preds), len(targets))
+    return token_iou(intersection.reshape(shape), pred_sizes.reshape(shape[:2]), target_sizes.reshape(1, -1)).numpy()[0]
 
 
 def _sequences(positions: list[int], starts: list[bool] | None) -> list[list[int]]:
@@ -74,10 +80,9 @@ def set_matching_loss_reference(
             n = max(len(preds), len(targets))
             padded_preds = preds + [[]] * (n - len(preds))
             padded_targets = targets + [[]] * (n - len(targets))
-            iou = np.zeros((n, n))
-            for i, p in enumerate(padded_preds):
-                for j, t in enumerate(padded_targets):
-                    iou[i, j] = _iou({tok for _, tok in p}, {tok for _, tok in t})
+            iou = _similarity(
+                [{tok for _, tok in p} for p in padded_preds], [{tok for _, tok in t} for t in padded_targets]
+            )
             for i, j in zip(*linear_sum_assignment(-iou), strict=True):
                 p, t = padded_preds[i], padded_targets[j]
                 if not t:
@@ -103,7 +108,7 @@ def set_matching_loss_reference(
         "extra": float(extra),
         "mean_iou": float(np.mean(ious)) if ious else 0.0,
     }
-    return SetLossOutput(reduce_set_loss(total, target_tokens, reduction), stats)
+    return SetLossOutput(reduce_set_loss(total, reduction_count(reduction, stats), reduction), stats)
 
 
 def _item_order(order: str, answers: list, logits_row, pred_answers: list | None) -> list[int]:
@@ -119,7 +124,7 @@ def _item_order(order: str, answers: list, logits_row, pred_answers: list | None
     targets = [set(t) for t in tuples]
     n = max(len(preds), len(targets))
     preds, targets_padded = preds + [set()] * (n - len(preds)), targets + [set()] * (n - len(targets))
-    iou = np.array([[_iou(p, t) for t in targets_padded] for p in preds]).reshape(n, n)
+    iou = _similarity(preds, targets_padded)
     placed = {}
     for i, j in zip(*linear_sum_assignment(-iou), strict=True):
         if i < len(pred_answers) and j < len(targets) and iou[i, j] > 0:

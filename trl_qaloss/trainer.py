@@ -10,7 +10,8 @@ import logging
 
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin, TrainingArguments
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin, TrainingArguments, set_seed
+from transformers.trainer_utils import enable_full_determinism
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
@@ -31,8 +32,9 @@ from .config import QALossConfig
 from .data import format_structured
 from .data_checks import check_chat_template, check_columns, check_set_targets, truncation_report
 from .logprobs import CHUNK_ELEMENTS, CUDA_CHUNK_ELEMENTS
-from .loss import count_target_answer_tokens, reduce_set_loss, seq_starts_from, set_loss_terms
+from .loss import seq_starts_from, set_loss_terms, target_counts
 from .matching import align_answers
+from .reduction import reduce_set_loss, reduction_count
 from .separators import QASeparators, is_single_token
 
 logger = logging.getLogger(__name__)
@@ -88,8 +90,18 @@ class QALossSFTTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "trl-qaloss"]
 
-    def __init__(self, model, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, *positional, peft_config=None, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        args=None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *positional,
+        peft_config=None,
+        **kwargs,
+    ):
         args = _as_qaloss_config(args, model)
         if isinstance(model, str):
             # Loaded here rather than by SFTTrainer so the separators can be added to its embeddings first.
@@ -122,8 +134,17 @@ class QALossSFTTrainer(SFTTrainer):
             self._check_datasets(args, train_dataset, eval_dataset, kwargs.get("formatting_func") is not None)
             self._add_separator_tokens(model, tokenizer, args, peft_config)
 
-        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *positional,
-                         peft_config=peft_config, **kwargs)  # fmt: skip
+        super().__init__(
+            model,
+            args,
+            data_collator,
+            train_dataset,
+            eval_dataset,
+            processing_class,
+            *positional,
+            peft_config=peft_config,
+            **kwargs,
+        )
         self.separators = None
         if reads_items:
             self.separators = QASeparators.from_tokenizer(
@@ -143,11 +164,13 @@ class QALossSFTTrainer(SFTTrainer):
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
         # FSDP and DeepSpeed gather parameters in the wrapped model's forward: there, "aligned" scores through it.
         self._argmax_from_hidden_states = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-        self._set_tokens_in_batch = None
+        self._set_count_in_batch = None
         if args.eval_generate_samples > 0 and self.eval_dataset is None and args.eval_strategy == "no":
             # A recipe that turns evaluation off (`--eval_strategy no`) also turns off its generation metrics.
-            logger.warning("`eval_generate_samples` is set, but there is no eval dataset and `eval_strategy` is 'no': "
-                           "the answer-set evaluation is off.")  # fmt: skip
+            logger.warning(
+                "`eval_generate_samples` is set, but there is no eval dataset and `eval_strategy` is 'no': "
+                "the answer-set evaluation is off."
+            )
         elif args.eval_generate_samples > 0:
             self.add_callback(QASetEvalCallback(self))
 
@@ -224,6 +247,11 @@ class QALossSFTTrainer(SFTTrainer):
             )
         tokenizer.add_tokens(missing, special_tokens=True)
         new_ids = tokenizer.convert_tokens_to_ids(missing)
+        # The new rows are sampled (mean resizing): seeded here, as `Trainer` would seed, so that they follow `seed`.
+        if args.full_determinism:
+            enable_full_determinism(args.seed)
+        else:
+            set_seed(args.seed)
         model.resize_token_embeddings(len(tokenizer))
         logger.warning("Added %s to the tokenizer as special tokens %s and resized the embeddings.", missing, new_ids)
         if peft_config is not None:
@@ -244,13 +272,14 @@ class QALossSFTTrainer(SFTTrainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        # The set term is normalized like the CE term: by its items (target answer tokens) over the whole
-        # accumulation window and, with `average_tokens_across_devices`, over all processes.
-        self._set_tokens_in_batch = None
+        # The set term is normalized like the CE term: by the `reduction_count` (target answer tokens for "mean") of
+        # the whole accumulation window and, with `average_tokens_across_devices`, of all processes.
+        self._set_count_in_batch = None
         if self.args.lambda_set > 0 and num_items_in_batch is not None:
             count = sum(
-                count_target_answer_tokens(
-                    batch["labels"][:, 1:], self.separators, seq_starts_from(batch.get("position_ids"))
+                reduction_count(
+                    self.args.set_loss_reduction,
+                    target_counts(batch["labels"][:, 1:], self.separators, seq_starts_from(batch.get("position_ids"))),
                 )
                 for batch in batch_samples
                 if "labels" in batch
@@ -258,7 +287,7 @@ class QALossSFTTrainer(SFTTrainer):
             count = torch.tensor(count, device=device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 count = self.accelerator.gather(count).sum()
-            self._set_tokens_in_batch = count
+            self._set_count_in_batch = count
         return batch_samples, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -292,10 +321,11 @@ class QALossSFTTrainer(SFTTrainer):
         ce_loss = nll_sum / torch.as_tensor(num_tokens if num_items_in_batch is None else num_items_in_batch).clamp(
             min=1
         )
-        set_tokens = terms.stats["target_tokens"]
-        if num_items_in_batch is not None and self.model.training and self._set_tokens_in_batch is not None:
-            set_tokens = self._set_tokens_in_batch
-        set_loss = reduce_set_loss(terms.set_sum, set_tokens, self.args.set_loss_reduction)
+        reduction = self.args.set_loss_reduction
+        set_count = reduction_count(reduction, terms.stats)
+        if num_items_in_batch is not None and self.model.training and self._set_count_in_batch is not None:
+            set_count = self._set_count_in_batch
+        set_loss = reduce_set_loss(terms.set_sum, set_count, reduction)
         loss = self.args.lambda_ce * ce_loss + self.args.lambda_set * set_loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
@@ -336,7 +366,7 @@ class QALossSFTTrainer(SFTTrainer):
             # Models often have more output rows than the tokenizer has tokens; those ids are skip tokens.
             num_ids = max(num_ids, int(predictions.max()) + 1)
             alignment = align_answers(targets, predictions, valid, self.separators, num_ids, seq_starts)
-            cores = cores_of(alignment.target_tokens, alignment.target, valid)
+            cores = cores_of(alignment.target_tokens, alignment.target_answers, valid)
             keys = aligned_keys(alignment)
         input_ids, labels = apply_answer_order(inputs["input_ids"], labels, cores, new_answer_order(cores, keys))
         return {**inputs, "input_ids": input_ids, "labels": labels}
@@ -418,22 +448,34 @@ class QALossSFTTrainer(SFTTrainer):
         correct = (terms.argmax == targets[terms.rows_b, terms.rows_p]).sum().float()
         per_token = torch.stack([nll_sum.float(), terms.entropy.sum(), correct])
         nll, entropy, correct = gather(per_token[None]).sum(0) / num_valid.clamp(min=1)
+        reduction = self.args.set_loss_reduction
         set_values = torch.tensor(
-            [terms.set_sum.item(), stats["target_tokens"], stats["matched"], stats["missing"], stats["extra"],
-             stats["target_answers"], stats["mean_iou"] * stats["matched"]], device=device
-        )  # fmt: skip
-        set_sum, set_tokens, matched, missing, extra, target_answers, iou_sum = gather(set_values[None]).sum(0)
+            [
+                terms.set_sum.item(),
+                reduction_count(reduction, stats),
+                stats["matched"],
+                stats["missing"],
+                stats["extra"],
+                stats["target_answers"],
+                stats["mean_iou"] * stats["matched"],
+            ],
+            device=device,
+        )
+        set_sum, set_count, matched, missing, extra, target_answers, iou_sum = gather(set_values[None]).sum(0)
         metrics = self._metrics[mode]
         metrics["entropy"].append(entropy.item())
         metrics["mean_token_accuracy"].append(correct.item())
         metrics["ce_loss"].append(nll.item())
-        if self.args.set_loss_reduction == "mean":
-            metrics["set_loss"].append((set_sum / set_tokens.clamp(min=1)).item())
-        else:
-            metrics["set_loss"].append((set_sum / self.accelerator.num_processes).item())
+        # This micro-batch's set loss over all processes: "sum" gives the mean of the processes' sums.
+        set_loss = reduce_set_loss(set_sum, set_count, reduction, num_batches=self.accelerator.num_processes)
+        metrics["set_loss"].append(set_loss.item())
         metrics["set/mean_iou"].append((iou_sum / matched.clamp(min=1)).item())
-        for name, value in (("matched", matched), ("missing", missing), ("extra", extra),
-                            ("target_answers", target_answers)):  # fmt: skip
+        for name, value in (
+            ("matched", matched),
+            ("missing", missing),
+            ("extra", extra),
+            ("target_answers", target_answers),
+        ):
             metrics[f"set/{name}"].append(value.item())
         if mode == "train":
             if "attention_mask" in inputs:

@@ -51,11 +51,21 @@ HARD_QUESTIONS = {
 }
 HARD_ANSWERS = (5, 8)  # answers per question of the hard task
 TOWN_PREFIXES = ["new", "port", "san", "upper"]
-GOODS = [f"{a} {b}" for a in ("red", "dry", "raw", "fine", "black", "salt")
-         for b in ("wine", "tea", "fish", "figs", "silk", "wool", "clay", "rice")]  # fmt: skip
+GOODS = [
+    f"{a} {b}"
+    for a in ("red", "dry", "raw", "fine", "black", "salt")
+    for b in ("wine", "tea", "fish", "figs", "silk", "wool", "clay", "rice")
+]
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<eos>", "<QA>", "<A>"]
-MODEL_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
+MODEL_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
 
 
 def make_names(rng: random.Random, count: int, taken: set[str]) -> list[str]:
@@ -158,12 +168,19 @@ def make_tokenizer(texts: list[str]):
         vocab_size=768, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
-                                   additional_special_tokens=["<QA>", "<A>"], model_max_length=256)  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<eos>",
+        additional_special_tokens=["<QA>", "<A>"],
+        model_max_length=256,
+    )
 
 
-def pretrain(worlds: list[tuple[dict, dict]], tokenizer, rng: random.Random, seed: int, steps: int,
-             batch_size: int = 32):  # fmt: skip
+def pretrain(
+    worlds: list[tuple[dict, dict]], tokenizer, rng: random.Random, seed: int, steps: int, batch_size: int = 32
+):
     """Full fine-tuning of a fresh tiny Llama on plain-text fact paragraphs (causal LM loss).
 
     `worlds`: `(facts, questions)` of each task; every paragraph is about one country of one task, drawn at random.
@@ -172,8 +189,13 @@ def pretrain(worlds: list[tuple[dict, dict]], tokenizer, rng: random.Random, see
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **MODEL_CONFIG)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **MODEL_CONFIG,
+    )
     model = AutoModelForCausalLM.from_config(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -218,8 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = args.out / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    print(f"wrote {NUM_TRAIN} train and {NUM_EVAL} eval rows of each task ({', '.join(tasks)}), the tokenizer and the "
-          f"model to {args.out}")  # fmt: skip
+    print(
+        f"wrote {NUM_TRAIN} train and {NUM_EVAL} eval rows of each task ({', '.join(tasks)}), the tokenizer and the "
+        f"model to {args.out}"
+    )
 
 
 def make_tasks(rng: random.Random) -> dict[str, tuple[dict, dict[str, str], list[dict]]]:
