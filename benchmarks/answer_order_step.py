@@ -18,7 +18,7 @@ import tempfile
 import time
 
 import torch
-from run import build_tokenizer, config_values, qa_rows, small_llama, tiny_llama
+from benchmark_utils import build_tokenizer, config_values, qa_rows, small_llama, tiny_llama
 
 from trl_qaloss import ANSWER_ORDERS, QALossConfig, QALossSFTTrainer
 
