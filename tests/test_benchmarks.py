@@ -28,6 +28,21 @@ def test_benchmark_gpu_path_runs_at_tiny_sizes_on_cpu(tmp_path):
     assert results.read_text() == before
 
 
+def test_step_benchmark_runs_alone_on_its_gpu_path_at_tiny_sizes_on_cpu(tmp_path):
+    """`step_speed.py` on its own, run as a user runs it (from another folder, without the repository on the import
+    path): the 4-bit + LoRA step of both trainers and its targets are printed, and RESULTS.md is left alone."""
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_text()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "step_speed.py"), "--check-gpu-path", "--step-repeats", "1"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "## Training step" in result.stdout and "## Targets" in result.stdout
+    assert "| SFTTrainer |" in result.stdout and "| QALossSFTTrainer |" in result.stdout
+    assert "4-bit nf4 + LoRA r=16" in result.stdout and "## Loss alone" not in result.stdout
+    assert results.read_text() == before
+
+
 def test_qlora_steps_runs_the_recipe_path_at_tiny_sizes_on_cpu(tmp_path):
     """The real-size GPU check's code path: the 7B recipe read by the CLI's parser, a random 4-bit model of the
     Qwen2.5-7B architecture, one run with the recipe's loss and one plain (no timing is checked)."""
