@@ -28,7 +28,7 @@ class QALossConfig(SFTConfig):
         question_end (`str`, defaults to `"?"`): text that ends a question; every token containing it does.
         set_loss_reduction (`str`, defaults to `"mean"`): `"mean"` divides the summed pair costs by the number of
             target answer tokens, `"sum"` keeps the sum.
-        answer_order (`str`, defaults to `"data"`): how each item's target answers are ordered before both loss
+        answer_order (`str`, defaults to `"canonical"`): how each item's target answers are ordered before both loss
             terms read them, in training: `"data"`, `"canonical"`, `"preferred"` or `"aligned"` (see
             [`reorder_answers`]). Evaluation losses use the targets as given.
         eval_generate_samples (`int`, defaults to `0`): at each evaluation, complete this many eval prompts (the
@@ -81,12 +81,13 @@ class QALossConfig(SFTConfig):
     )
 
     answer_order: str = field(
-        default="data",
+        default="canonical",
         metadata={
-            "help": "Order of each item's target answers during training: 'data' (as given), 'canonical' (sorted by "
-            "token ids), 'preferred' (the answer the model scores highest first) or 'aligned' (the model's own "
-            "answers, matched by token IoU). Every mode rewrites the target sequence itself, so both loss terms "
-            "train on a consistent context; 'preferred' and 'aligned' cost one extra forward without gradient.",
+            "help": "Order of each item's target answers during training: 'canonical' (the default: sorted by token "
+            "ids, the best answer sets in the benchmark), 'data' (as given), 'preferred' (the answer the model "
+            "scores highest first) or 'aligned' (the model's own answers, matched by token IoU). Every mode "
+            "rewrites the target sequence itself, so both loss terms train on a consistent context; 'preferred' "
+            "and 'aligned' cost one extra forward without gradient.",
             "choices": list(ANSWER_ORDERS),
         },
     )
