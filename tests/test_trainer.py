@@ -216,8 +216,8 @@ def test_conversational_dataset(model, tokenizer, tmp_path):
 def test_sft_config_is_converted(model, tokenizer, tmp_path):
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, max_steps=1, report_to=[])
     trainer = QALossSFTTrainer(model=model, args=args, train_dataset=qa_dataset(), processing_class=tokenizer)
-    assert trainer.args.lambda_set == 1.0 and trainer.args.max_steps == 1
-    assert trainer.args.answer_order == "canonical"  # QALossConfig's default
+    assert trainer.args.max_steps == 1
+    assert trainer.args.lambda_set == 0.0 and trainer.args.answer_order == "canonical"  # QALossConfig's defaults
 
 
 @pytest.mark.parametrize(

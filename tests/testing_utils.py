@@ -122,8 +122,8 @@ def config_values(tmp_path, **overrides) -> dict:
 def qa_config(tmp_path, **overrides):
     from trl_qaloss import QALossConfig
 
-    # The tests pin the order the data gives unless they test another one.
-    return QALossConfig(**config_values(tmp_path, **{"answer_order": "data", **overrides}))
+    # The tests pin the set loss on and the order the data gives, unless they test something else.
+    return QALossConfig(**config_values(tmp_path, **{"lambda_set": 1.0, "answer_order": "data", **overrides}))
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

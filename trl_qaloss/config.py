@@ -21,8 +21,9 @@ class QALossConfig(SFTConfig):
 
     Parameters:
         lambda_ce (`float`, defaults to `1.0`): weight of the SFT cross-entropy.
-        lambda_set (`float`, defaults to `1.0`): weight of the set-matching loss; `0` with `answer_order="data"` trains
-            exactly like `SFTTrainer`.
+        lambda_set (`float`, defaults to `0.0`): weight of the set-matching loss; `0` (the default: the best answer
+            sets in the benchmark) trains with the SFT cross-entropy alone, on the targets `answer_order` gives, and
+            with `answer_order="data"` exactly like `SFTTrainer`.
         qa_token (`str`, defaults to `"<QA>"`): token that starts each question/answer item.
         answer_token (`str`, defaults to `"<A>"`): token that starts each answer.
         question_end (`str`, defaults to `"?"`): text that ends a question; every token containing it does.
@@ -60,10 +61,11 @@ class QALossConfig(SFTConfig):
         metadata={"help": "Weight of the SFT cross-entropy (the usual next-token loss) in the training loss."},
     )
     lambda_set: float = field(
-        default=1.0,
+        default=0.0,
         metadata={
             "help": "Weight of the set-matching loss, which scores the answers of each question whatever their "
-            "order. 0 (with answer_order 'data') trains exactly like SFTTrainer."
+            "order. 0 (the default) trains with the SFT loss alone, on the targets answer_order gives; with "
+            "answer_order 'data' exactly like SFTTrainer."
         },
     )
     qa_token: str = field(default="<QA>", metadata={"help": "Token that starts each question/answer item."})
