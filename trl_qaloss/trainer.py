@@ -63,14 +63,19 @@ def _reads_items(args: QALossConfig) -> bool:
 
 
 class QALossSFTTrainer(SFTTrainer):
-    """`SFTTrainer` whose loss adds the order-invariant set-matching loss of the answers.
+    """`SFTTrainer` that trains each item's answers in a fixed order, and can add an order-invariant set-matching loss.
+
+    Before the loss, each item's target answers are reordered as `answer_order` says (default `"canonical"`: sorted;
+    see [`reorder_answers`]), in `input_ids` and `labels` together, so every position's context agrees with its
+    target; evaluation losses read the targets as given. With `lambda_set=0` (the default) the loss is then exactly
+    `SFTTrainer`'s on the reordered batch; with `lambda_set > 0` the set loss below is added.
 
     Takes the same arguments as [`~trl.SFTTrainer`]; `args` is a [`QALossConfig`] (an `SFTConfig` is converted). If
     `qa_token` or `answer_token` is not a single token of the tokenizer, they are added as special tokens, the
     embeddings are resized and, with a `peft_config`, the new rows are made trainable (PEFT's
     `trainable_token_indices`).
 
-    The loss comes from ONE forward that returns logits only at the positions the losses read (`logits_to_keep`),
+    With the set loss, the loss comes from ONE forward that returns logits only at the positions the losses read (`logits_to_keep`),
     and one pass over those logits serves both terms: the SFT cross-entropy (normalized like `SFTTrainer`, by
     `num_items_in_batch`) and the set loss (normalized by the target answer tokens of the same accumulation window
     and devices). Logged next to TRL's metrics: `ce_loss`, `set_loss`, `set/mean_iou`, `set/matched`,
