@@ -76,8 +76,8 @@ class QALossSFTTrainer(SFTTrainer):
     `trainable_token_indices`).
 
     With the set loss, the loss comes from ONE forward that returns logits only at the positions the losses read
-    (`logits_to_keep`), and one pass over those logits serves both terms: the SFT cross-entropy (normalized like `SFTTrainer`, by
-    `num_items_in_batch`) and the set loss (normalized by the target answer tokens of the same accumulation window
+    (`logits_to_keep`), and one pass over those logits serves both terms: the SFT cross-entropy (normalized like
+    `SFTTrainer`, by `num_items_in_batch`) and the set loss (normalized by the target answer tokens of the same accumulation window
     and devices). Logged next to TRL's metrics: `ce_loss`, `set_loss`, `set/mean_iou`, `set/matched`,
     `set/missing`, `set/extra`, `set/target_answers`. With `eval_generate_samples > 0`, every evaluation also
     generates completions and logs answer-set metrics ([`QASetEvalCallback`]).
