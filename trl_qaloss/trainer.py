@@ -77,10 +77,10 @@ class QALossSFTTrainer(SFTTrainer):
 
     With the set loss, the loss comes from ONE forward that returns logits only at the positions the losses read
     (`logits_to_keep`), and one pass over those logits serves both terms: the SFT cross-entropy (normalized like
-    `SFTTrainer`, by `num_items_in_batch`) and the set loss (normalized by the target answer tokens of the same accumulation window
-    and devices). Logged next to TRL's metrics: `ce_loss`, `set_loss`, `set/mean_iou`, `set/matched`,
-    `set/missing`, `set/extra`, `set/target_answers`. With `eval_generate_samples > 0`, every evaluation also
-    generates completions and logs answer-set metrics ([`QASetEvalCallback`]).
+    `SFTTrainer`, by `num_items_in_batch`) and the set loss (normalized by the target answer tokens of the same
+    accumulation window and devices). Logged next to TRL's metrics: `ce_loss`, `set_loss`, `set/mean_iou`,
+    `set/matched`, `set/missing`, `set/extra`, `set/target_answers`. With `eval_generate_samples > 0`, every
+    evaluation also generates completions and logs answer-set metrics ([`QASetEvalCallback`]).
 
     Normalization across micro-batches and devices: whenever the Trainer passes `num_items_in_batch` (the labelled
     tokens of the whole accumulation window, summed over processes with `average_tokens_across_devices`), each
