@@ -73,18 +73,26 @@ TINY_MAX_LENGTH = 128
 
 
 def run_settings(recipe_args, config_cls=QALossConfig) -> list[tuple[str, dict]]:
-    """`(name, QALossConfig overrides)` of each run: plain SFT, the recipe, then each other `answer_order` value
-    `config_cls` accepts (the recipe's own value is the `recipe` run), if it has that field, first with the
-    recipe's `lambda_set`, then with `lambda_set=0` (the plain SFT loss on the reordered targets)."""
+    """`(name, QALossConfig overrides)` of each run: plain SFT (`lambda_set=0`, `answer_order="data"`: exactly
+    `SFTTrainer`'s loss), the recipe, then, if `config_cls` has the `answer_order` field, every (order, `lambda_set`
+    in 0 and 1) combination other than those two, each order first with the recipe's `lambda_set`."""
     answer_order = config_cls.__dataclass_fields__.get("answer_order")
     if answer_order is None:
         return [("plain", {"lambda_set": 0}), ("recipe", {})]
-    recipe_value = getattr(recipe_args, "answer_order", None)
-    runs = [("plain", {"lambda_set": 0}), (f"recipe (answer_order={recipe_value})", {})]
-    choices = answer_order.metadata.get("choices", [])
-    others = [c for c in choices if c != recipe_value]
-    runs += [(f"answer_order={c}", {"answer_order": c}) for c in others]
-    return runs + [(f"answer_order={c}, lambda_set=0", {"answer_order": c, "lambda_set": 0}) for c in others]
+    recipe_order = getattr(recipe_args, "answer_order", None)
+    recipe_weight = 0 if not getattr(recipe_args, "lambda_set", 1) else 1
+    runs = [
+        ("plain", {"lambda_set": 0, "answer_order": "data"}),
+        (f"recipe (answer_order={recipe_order}, lambda_set={getattr(recipe_args, 'lambda_set', 1):g})", {}),
+    ]
+    done = {("data", 0), (recipe_order, recipe_weight)}
+    for weight in (recipe_weight, 1 - recipe_weight):
+        for order in answer_order.metadata.get("choices", []):
+            if (order, weight) not in done:
+                runs.append(
+                    (f"answer_order={order}, lambda_set={weight}", {"answer_order": order, "lambda_set": weight})
+                )
+    return runs
 
 
 def synthetic_rows(path: Path, num_rows: int, min_tokens: int, tokenizer, seed: int = 0) -> None:

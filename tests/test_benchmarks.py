@@ -90,16 +90,17 @@ def test_qlora_steps_runs_one_plain_one_recipe_and_each_other_answer_order():
     class WithAnswerOrder(QALossConfig):
         answer_order: str = dataclasses.field(default="data", metadata={"choices": ["data", "canonical", "aligned"]})
 
-    recipe = SimpleNamespace(answer_order="canonical")
-    names = [name for name, _ in run_settings(recipe, WithAnswerOrder)]
-    assert names == [
+    recipe = SimpleNamespace(answer_order="canonical", lambda_set=0.0)
+    runs = run_settings(recipe, WithAnswerOrder)
+    assert [name for name, _ in runs] == [
         "plain",
-        "recipe (answer_order=canonical)",
-        "answer_order=data",
-        "answer_order=aligned",
-        "answer_order=data, lambda_set=0",
+        "recipe (answer_order=canonical, lambda_set=0)",
         "answer_order=aligned, lambda_set=0",
+        "answer_order=data, lambda_set=1",
+        "answer_order=canonical, lambda_set=1",
+        "answer_order=aligned, lambda_set=1",
     ]
+    assert runs[0][1] == {"lambda_set": 0, "answer_order": "data"}  # plain SFT whatever the recipe's order
     # A config without the field (an SFTConfig): plain and the recipe only.
     assert run_settings(recipe, SFTConfig) == [("plain", {"lambda_set": 0}), ("recipe", {})]
 
