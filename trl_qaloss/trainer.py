@@ -424,8 +424,9 @@ class QALossSFTTrainer(SFTTrainer):
             return predictions
         backbone, head = parts
         forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        forward_inputs["use_cache"] = False
         with self._dropout_off(model):
-            hidden = backbone(**forward_inputs, use_cache=False).last_hidden_state  # [B, T, H]
+            hidden = backbone(**forward_inputs).last_hidden_state  # [B, T, H]
         rows_b, rows_p = valid.nonzero(as_tuple=True)  # logits[:, p] predicts targets[:, p]
         step = max(1, (CHUNK_ELEMENTS if hidden.device.type == "cpu" else CUDA_CHUNK_ELEMENTS) // head.out_features)
         for start in range(0, rows_b.numel(), step):
