@@ -13,10 +13,10 @@ import random
 import tempfile
 
 from datasets import Dataset
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from trl_qaloss import QALossConfig, QALossSFTTrainer
+from trl_qaloss.demo.make_demo import train_bpe_tokenizer
 
 CAPITALS = {"france": "paris", "italy": "rome", "germany": "berlin", "spain": "madrid", "japan": "tokyo"}
 RIVERS = {"france": ["seine", "loire", "rhone"], "germany": ["rhine", "elbe", "danube"], "italy": ["po", "tiber"]}
@@ -35,20 +35,8 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def make_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    special = ["<unk>", "<pad>", "<eos>", "<QA>", "<A>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special, initial_alphabet=alphabet)
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        eos_token="<eos>",
-        additional_special_tokens=["<QA>", "<A>"],
-    )
+    # A byte-level BPE tokenizer trained on the rows, with <QA> and <A> as special tokens.
+    return train_bpe_tokenizer(texts, vocab_size=400)
 
 
 def main() -> None:

@@ -35,27 +35,11 @@ def qa_text(rng: random.Random, num_items: int | None = None) -> str:
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from trl_qaloss.demo.make_demo import train_bpe_tokenizer
 
     rng = random.Random(0)
     texts = [qa_text(rng) for _ in range(400)] + ['what?" he asked. why ? "who?"'] * 20
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=["<unk>", "<pad>", "<eos>", "<QA>", "<A>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        eos_token="<eos>",
-        additional_special_tokens=["<QA>", "<A>"],
-    )
+    return train_bpe_tokenizer(texts, vocab_size=600)
 
 
 CHAT_TEMPLATE = (

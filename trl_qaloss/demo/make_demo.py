@@ -157,7 +157,9 @@ def fact_paragraph(world: dict, questions: dict[str, str], country: str, rng: ra
     return " ".join(f"{questions[t].format(c=country)} {join(rng.sample(facts[t], len(facts[t])))}." for t in topics)
 
 
-def make_tokenizer(texts: list[str]):
+def train_bpe_tokenizer(texts: list[str], vocab_size: int, **tokenizer_kwargs):
+    """A byte-level BPE tokenizer trained on `texts`, with `<unk>`, `<pad>`, `<eos>` and the separators `<QA>`, `<A>`
+    as special tokens (a `PreTrainedTokenizerFast`; `tokenizer_kwargs` go to it, e.g. `model_max_length`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -165,7 +167,7 @@ def make_tokenizer(texts: list[str]):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=768, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
@@ -174,8 +176,12 @@ def make_tokenizer(texts: list[str]):
         pad_token="<pad>",
         eos_token="<eos>",
         additional_special_tokens=["<QA>", "<A>"],
-        model_max_length=256,
+        **tokenizer_kwargs,
     )
+
+
+def make_tokenizer(texts: list[str]):
+    return train_bpe_tokenizer(texts, vocab_size=768, model_max_length=256)
 
 
 def pretrain(
