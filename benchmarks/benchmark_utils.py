@@ -29,10 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.testing_utils import build_tokenizer, config_values, qa_text, tiny_llama  # noqa: E402
+from tests.testing_utils import (  # noqa: E402
+    build_tokenizer,
+    config_values,
+    nf4_quantization,
+    qa_text,
+    random_llama,
+    tiny_llama,
+)
 from trl_qaloss import QASeparators  # noqa: E402
 
-__all__ = ["ROOT", "build_tokenizer", "config_values", "tiny_llama"]  # re-exported for the scripts
+__all__ = ["ROOT", "build_tokenizer", "config_values", "nf4_quantization", "tiny_llama"]  # re-exported for the scripts
 
 QA, ANSWER, QEND, EOS = 1, 2, 3, 0
 MIB = 1 << 20
@@ -164,23 +171,15 @@ def qa_rows(num_rows: int, max_length: int, seed: int = 0):
 
 def small_llama():
     """A small Llama with random weights: hidden 256, 4 layers, V=32000."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32000,
+    return random_llama(
+        32000,
         hidden_size=256,
         intermediate_size=688,
         num_hidden_layers=4,
         num_attention_heads=8,
         num_key_value_heads=4,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
-        pad_token_id=1,
-        eos_token_id=2,
-        bos_token_id=None,
     )
-    return AutoModelForCausalLM.from_config(config)
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -23,6 +23,7 @@ from benchmark_utils import (
     MIB,
     build_tokenizer,
     config_values,
+    nf4_quantization,
     parse_benchmark_args,
     peak_extra_bytes,
     qa_rows,
@@ -138,18 +139,13 @@ def quantized_step_benchmarks(args, device: torch.device, model_config: dict, ba
     """The step of a model built from `model_config` with random weights, loaded in 4-bit nf4, trained with LoRA."""
     from peft import LoraConfig
     from random_4bit import load_random_4bit
-    from transformers import BitsAndBytesConfig, LlamaConfig
+    from transformers import LlamaConfig
 
     tokenizer = build_tokenizer()
     compute_dtype = torch.bfloat16
     config = LlamaConfig(**model_config, pad_token_id=1, eos_token_id=2, bos_token_id=None)
     config.architectures = ["LlamaForCausalLM"]
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
+    quantization = nf4_quantization(compute_dtype)
 
     def load():
         # Random weights drawn and quantized one at a time on the device: no 16 GB bf16 checkpoint is written.

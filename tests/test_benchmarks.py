@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+from tests.testing_utils import nf4_quantization
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -122,18 +124,13 @@ def test_random_4bit_checkpoint_has_the_layout_transformers_writes_for_a_quantiz
     on loading and saved, and loads into bitsandbytes `Linear4bit` layers whose weights are those drawn."""
     import bitsandbytes as bnb
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from benchmarks.qlora_steps import TINY_MODEL
     from benchmarks.random_4bit import load_random_4bit, random_quantized_state_dict, with_overrides
 
     config = with_overrides(str(ROOT / "benchmarks" / "configs" / "qwen2.5-7b.json"), TINY_MODEL)
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
+    quantization = nf4_quantization(torch.bfloat16)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     quantized_on_load = AutoModelForCausalLM.from_pretrained(
         tmp_path / "bf16", quantization_config=quantization, dtype=torch.bfloat16, device_map={"": "cpu"}

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from tests.testing_utils import nf4_quantization
 from trl_qaloss.cli import main, make_parser, model_init_kwargs, parse_args
 from trl_qaloss.demo import DEFAULT_RECIPE, MODEL_DIR
 
@@ -174,7 +175,7 @@ def test_demo_trains_4bit_qlora_and_saves_the_adapter(demo_run):
 def test_saved_adapter_reloads_onto_the_4bit_base_with_the_same_logits(demo_run):
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     trainer, out = demo_run
     # TRL keeps QLoRA adapters in bf16 (the QLoRA paper's choice), so they are saved in bf16 ...
@@ -182,12 +183,7 @@ def test_saved_adapter_reloads_onto_the_4bit_base_with_the_same_logits(demo_run)
     assert len(saved) == 28 and {t.dtype for t in saved.values()} == {torch.bfloat16}
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     batch = tokenizer(["Tell me about vobipol: its ruler. <QA> who rules vobipol? <A>"], return_tensors="pt")
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
+    quantization = nf4_quantization(torch.float32)
     base = AutoModelForCausalLM.from_pretrained(MODEL_DIR, quantization_config=quantization, dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, out).eval()
     # ... and PEFT loads them upcast to fp32; back in bf16 they compute exactly as during training.

@@ -8,7 +8,15 @@ import pytest
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from tests.testing_utils import CHAT_TEMPLATE, build_tokenizer, config_values, qa_config, qa_dataset, tiny_llama
+from tests.testing_utils import (
+    CHAT_TEMPLATE,
+    build_tokenizer,
+    config_values,
+    nf4_quantization,
+    qa_config,
+    qa_dataset,
+    tiny_llama,
+)
 from trl_qaloss import QALossSFTTrainer
 
 
@@ -128,15 +136,10 @@ def test_lora_trains(model, tokenizer, tmp_path):
 def test_qlora_4bit_trains(model, tokenizer, tmp_path):
     import bitsandbytes as bnb
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     model.save_pretrained(tmp_path / "base")
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
+    quantization = nf4_quantization(torch.float32)
     model4 = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map="cpu")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model4.modules())
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")

@@ -10,7 +10,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from tests.distributed_worker import copying_llama
-from tests.testing_utils import WORDS, config_values, qa_config, qa_dataset, tiny_llama
+from tests.testing_utils import WORDS, config_values, nf4_quantization, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer, reorder_answers, set_matching_loss
 
 MODES = ("canonical", "preferred", "aligned")
@@ -155,15 +155,10 @@ def test_each_mode_trains_lora(tokenizer, tmp_path, order, lambda_set):
 def test_each_mode_trains_qlora_4bit(tokenizer, tmp_path, order):
     import bitsandbytes as bnb
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "base")
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
+    quantization = nf4_quantization(torch.float32)
     model4 = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map="cpu")
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = QALossSFTTrainer(

@@ -49,12 +49,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_llama(vocab_size: int, seed: int = 0):
-    import torch
+def random_llama(vocab_size: int, seed: int = 0, **sizes):
+    """A Llama with random weights drawn after `torch.manual_seed(seed)`; `sizes` override the tiny default sizes."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = dict(
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -67,7 +67,24 @@ def tiny_llama(vocab_size: int, seed: int = 0):
         eos_token_id=2,
         bos_token_id=None,
     )
-    return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**{**config, **sizes}))
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    """The tests' model: hidden 32, 2 layers."""
+    return random_llama(vocab_size, seed)
+
+
+def nf4_quantization(compute_dtype=torch.float32):
+    """The recipes' 4-bit setting: bitsandbytes nf4 with double quantization, computing in `compute_dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def qa_dataset(num_rows: int = 32, seed: int = 0):
