@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .logprobs import vocab_stats
+from .loss import seq_starts_from
 from .matching import Alignment, AnswerSets, align_answers, group_answers
 from .parsing import AnswerTokens, parse_answer_tokens
 from .separators import QASeparators
@@ -259,9 +260,9 @@ def reorder_answers(
     if order == "data":
         return input_ids.clone(), labels.clone()
     targets = labels[:, 1:]
-    seq_starts = None if position_ids is None else position_ids[:, 1:] == 0
-    num_ids = max(seps.vocab_size or 0, int(targets.max()) + 1 if targets.numel() else 1)
-    if logits is not None and order in MODEL_ORDERS:
+    seq_starts = seq_starts_from(position_ids)
+    num_ids = seps.num_ids(targets)
+    if order in MODEL_ORDERS:
         num_ids = max(num_ids, logits.size(-1))
     if order == "aligned":
         predictions = argmax_predictions(logits, targets)

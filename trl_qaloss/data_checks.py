@@ -70,7 +70,7 @@ def answer_spans(labels: list[list[int]], seps: QASeparators) -> list[list[tuple
     for i, r in enumerate(labels):
         padded[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     targets = padded[:, 1:]
-    num_ids = max(seps.vocab_size or 0, int(targets.max()) + 1)
+    num_ids = seps.num_ids(targets)
     parsed = parse_answer_tokens(targets, targets != -100, seps, num_ids)
     spans: dict[tuple[int, int], tuple[int, int]] = {}
     for row, pos, answer in zip(parsed.row.tolist(), parsed.pos.tolist(), parsed.answer.tolist(), strict=True):

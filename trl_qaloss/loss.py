@@ -284,7 +284,7 @@ def target_counts(
     """`target_answers` and `target_tokens` of shifted `target_ids` `[B, P]`, as the loss counts them, without
     logits: what `reduction_count` reads."""
     valid = target_ids != -100
-    num_ids = max(seps.vocab_size or 0, int(target_ids.max()) + 1 if target_ids.numel() else 1)
+    num_ids = seps.num_ids(target_ids)
     tokens = parse_answer_tokens(target_ids, valid, seps, num_ids, seq_starts)
     # Tokens are sorted by (row, position): each answer is a run of equal (row, answer number).
     starts_answer = torch.ones_like(tokens.row, dtype=torch.bool)

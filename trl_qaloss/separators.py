@@ -90,6 +90,12 @@ class QASeparators:
     def is_skip(self, token: int) -> bool:
         return token in self.skip_ids or (self.vocab_size is not None and token >= self.vocab_size)
 
+    def num_ids(self, *token_ids: torch.Tensor) -> int:
+        """How many ids the token-class tables must cover: the tokenizer's vocabulary, or more if `token_ids` (any
+        shapes; -100 and other negative labels ignored) hold larger ids, as a model with padded embeddings predicts."""
+        largest = max((int(t.max()) for t in token_ids if t.numel()), default=0)
+        return max(self.vocab_size or 0, largest + 1)
+
     def masks(self, num_ids: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean lookup tables `(is_question_end, is_skip)`, each `[num_ids]`, cached per size and device.
 

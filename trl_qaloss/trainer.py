@@ -354,7 +354,7 @@ class QALossSFTTrainer(SFTTrainer):
         labels = inputs["labels"]
         targets = labels[:, 1:]
         seq_starts = seq_starts_from(inputs.get("position_ids"))
-        num_ids = max(self.separators.vocab_size or 0, int(targets.max()) + 1 if targets.numel() else 1)
+        num_ids = self.separators.num_ids(targets)
         cores = parse_cores(targets, self.separators, num_ids, seq_starts)
         if not cores.sets.per_item.numel() or int(cores.sets.per_item.max()) < 2:
             return inputs
@@ -369,7 +369,7 @@ class QALossSFTTrainer(SFTTrainer):
             predictions = self._scoring_argmax(model, inputs, targets)
             valid = targets != -100
             # Models often have more output rows than the tokenizer has tokens; those ids are skip tokens.
-            num_ids = max(num_ids, int(predictions.max()) + 1)
+            num_ids = self.separators.num_ids(targets, predictions)
             alignment = align_answers(targets, predictions, valid, self.separators, num_ids, seq_starts)
             cores = cores_of(alignment.target_tokens, alignment.target_answers, valid)
             keys = aligned_keys(alignment)
