@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from .answer_order import ANSWER_ORDERS
+from .answer_order import ANSWER_ORDERS, check_answer_order
 from .metrics import MATCH_QUESTIONS
 from .reduction import REDUCTIONS
 
@@ -141,8 +141,7 @@ class QALossConfig(SFTConfig):
             raise ValueError(
                 f"`question_end`={self.question_end!r} is a separator; set it to the text ending questions, e.g. '?'."
             )
-        if self.answer_order not in ANSWER_ORDERS:
-            raise ValueError(f"`answer_order` must be one of {ANSWER_ORDERS}, got {self.answer_order!r}.")
+        check_answer_order(self.answer_order)
         if self.set_loss_reduction not in REDUCTIONS:
             raise ValueError(f"`set_loss_reduction` must be one of {REDUCTIONS}, got {self.set_loss_reduction!r}.")
         if self.eval_match_questions not in MATCH_QUESTIONS:
