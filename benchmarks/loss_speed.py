@@ -39,8 +39,8 @@ from benchmark_utils import (
 )
 
 from trl_qaloss import set_matching_loss
-from trl_qaloss.logprobs import rows_view, vocab_stats
-from trl_qaloss.reference import set_matching_loss_reference
+from trl_qaloss.engine.logprobs import rows_view, vocab_stats
+from trl_qaloss.engine.reference import set_matching_loss_reference
 
 CPU_SIZES = [(b, t, v) for b in (4, 16) for t in (256, 1024) for v in (32000, 151936)] + [(16, 512, 32000)]
 GPU_SIZES = [(8, 2048, 128256), (8, 2048, 151936)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from tests.testing_utils import build_tokenizer, qa_config, qa_dataset, tiny_llama
+from tests.testing_utils import WORDS, build_tokenizer, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer
 
 GLOBAL_BATCH = 8
@@ -39,6 +39,21 @@ def copying_llama(vocab_size: int):
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(50)
         model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+    return model
+
+
+def swapping_llama(tokenizer):
+    """A copying Llama (see `copying_llama`) that says another word for each word of the data (pairs of words swap
+    places): its answers come in another order than the target's, so "aligned" moves them."""
+    model = copying_llama(len(tokenizer))
+    words = [ids[0] for ids in (tokenizer.encode(" " + w) for w in WORDS) if len(ids) == 1]
+    perm = torch.arange(len(tokenizer))
+    perm[words[0::2][: len(words) // 2]], perm[words[1::2][: len(words) // 2]] = (
+        torch.tensor(words[1::2][: len(words) // 2]),
+        torch.tensor(words[0::2][: len(words) // 2]),
+    )
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight[perm])
     return model
 
 

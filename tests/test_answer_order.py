@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from tests.strategies import PROFILE, SEPS, TOKENIZER, VOCAB, batches
 from tests.testing_utils import qa_text, random_batch
 from trl_qaloss import reorder_answers, set_matching_loss
-from trl_qaloss.parsing import parse_row_answers
-from trl_qaloss.reference import reorder_answers_reference
+from trl_qaloss.engine.parsing import parse_row_answers
+from trl_qaloss.engine.reference import reorder_answers_reference
 
 ORDERS = ("data", "canonical", "preferred", "aligned")
 

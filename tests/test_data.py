@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from trl_qaloss import QASeparators
 from trl_qaloss.data import format_qas, format_qas_dataset, load_qa_dataset
 from trl_qaloss.demo import DATA_DIR, HARD_DATA_DIR, MODEL_DIR, make_demo
-from trl_qaloss.parsing import parse_row
+from trl_qaloss.engine.parsing import parse_row
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 
 from tests.testing_utils import STAT_KEYS, encode_pair, random_batch
 from trl_qaloss import QASeparators, set_matching_loss
-from trl_qaloss.reference import set_matching_loss_reference
+from trl_qaloss.engine.reference import set_matching_loss_reference
 
 
 def assert_same(out, ref, rtol=1e-5):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from trl_qaloss import QASeparators, set_matching_loss
-from trl_qaloss.matching import AnswerSetMatcher, align_answers
-from trl_qaloss.similarity import token_iou
+from trl_qaloss.engine.matching import AnswerSetMatcher, align_answers
+from trl_qaloss.engine.similarity import token_iou
 
 
 def plain_ids(seps: QASeparators, count: int) -> list[int]:

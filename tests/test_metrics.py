@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trl_qaloss.engine.parsing import QAItem, parse_answer_tokens, parse_qa_text, parse_row
 from trl_qaloss.metrics import answer_set_scores, normalize_answer
-from trl_qaloss.parsing import QAItem, parse_answer_tokens, parse_qa_text, parse_row
 
 WHO = "<QA> Who wrote X? "
 

@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from tests.testing_utils import CHAT_TEMPLATE, STAT_KEYS, encode_pair, qa_config, qa_dataset, random_batch, tiny_llama
 from trl_qaloss import QALossSFTTrainer, set_matching_loss
-from trl_qaloss.reference import set_matching_loss_reference
+from trl_qaloss.engine.reference import set_matching_loss_reference
 
 COUNT_KEYS = ("target_answers", "target_tokens", "matched", "missing", "extra")
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tests.strategies import ANS, PLAIN, PROFILE, QA, QEND, SEPS, SKIP, TOKENIZER, VOCAB, batches, packed_position_ids
 from tests.testing_utils import STAT_KEYS, build_tokenizer, qa_config, qa_dataset, random_batch, tiny_llama
 from trl_qaloss import QALossSFTTrainer, QASeparators, set_matching_loss
-from trl_qaloss.reference import set_matching_loss_reference
+from trl_qaloss.engine.reference import set_matching_loss_reference
 
 
 def sum_losses_agree(logits, labels, seps, position_ids):

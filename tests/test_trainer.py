@@ -12,6 +12,7 @@ from tests.testing_utils import (
     CHAT_TEMPLATE,
     build_tokenizer,
     config_values,
+    first_batch,
     nf4_quantization,
     qa_config,
     qa_dataset,
@@ -23,11 +24,6 @@ from trl_qaloss import QALossSFTTrainer
 @pytest.fixture()
 def model(tokenizer):
     return tiny_llama(len(tokenizer))
-
-
-def first_batch(trainer):
-    batch = next(iter(trainer.get_train_dataloader()))
-    return {k: v.to(trainer.args.device) for k, v in batch.items()}
 
 
 def sft_loss(model, tokenizer, tmp_path, batch, **overrides):

@@ -9,31 +9,12 @@ import pytest
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from tests.distributed_worker import copying_llama
-from tests.testing_utils import WORDS, config_values, nf4_quantization, qa_config, qa_dataset, tiny_llama
+from tests.distributed_worker import copying_llama, swapping_llama
+from tests.testing_utils import config_values, first_batch, nf4_quantization, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer, reorder_answers, set_matching_loss
+from trl_qaloss.engine.scoring import ModelScorer
 
 MODES = ("canonical", "preferred", "aligned")
-
-
-def swapping_llama(tokenizer):
-    """A copying Llama (see `copying_llama`) that says another word for each word of the data (pairs of words swap
-    places): its answers come in another order than the target's, so "aligned" moves them."""
-    model = copying_llama(len(tokenizer))
-    words = [ids[0] for ids in (tokenizer.encode(" " + w) for w in WORDS) if len(ids) == 1]
-    perm = torch.arange(len(tokenizer))
-    perm[words[0::2][: len(words) // 2]], perm[words[1::2][: len(words) // 2]] = (
-        torch.tensor(words[1::2][: len(words) // 2]),
-        torch.tensor(words[0::2][: len(words) // 2]),
-    )
-    with torch.no_grad():
-        model.lm_head.weight.copy_(model.model.embed_tokens.weight[perm])
-    return model
-
-
-def first_batch(trainer):
-    batch = next(iter(trainer.get_train_dataloader()))
-    return {k: v.to(trainer.args.device) for k, v in batch.items()}
 
 
 def reordered(model, batch, seps, order):
@@ -73,29 +54,6 @@ def test_lambda_set_zero_is_sft_on_the_reordered_batch(tokenizer, tmp_path, orde
         on_data_order = sft.compute_loss(sft.model, dict(batch))
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=0)
     assert not torch.isclose(ours, on_data_order, rtol=1e-6)
-
-
-@pytest.mark.parametrize("from_hidden_states", [True, False])
-def test_aligned_argmax_from_hidden_states_or_logits(tokenizer, tmp_path, from_hidden_states):
-    """ "aligned" reads the argmax from the backbone's hidden states and chunks of the LM head, or (under FSDP and
-    DeepSpeed) from the model's logits: the same reordering as `reorder_answers` on the full logits, LoRA included."""
-    from peft import LoraConfig
-
-    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
-    args = qa_config(tmp_path, lambda_set=0.0, answer_order="aligned")
-    trainer = QALossSFTTrainer(
-        model=swapping_llama(tokenizer),
-        args=args,
-        train_dataset=qa_dataset(),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
-    trainer._argmax_from_hidden_states = from_hidden_states
-    batch = first_batch(trainer)
-    expected = reordered(trainer.model, batch, trainer.separators, "aligned")
-    ours = trainer._reorder_answers(trainer.model, dict(batch))
-    assert not torch.equal(expected["input_ids"], batch["input_ids"])
-    assert torch.equal(ours["input_ids"], expected["input_ids"]) and torch.equal(ours["labels"], expected["labels"])
 
 
 @pytest.mark.parametrize("order", MODES)
@@ -211,7 +169,8 @@ def test_model_vocabulary_larger_than_the_tokenizer(tokenizer, tmp_path):
         processing_class=tokenizer,
     )
     batch = first_batch(trainer)
-    assert int(trainer._scoring_argmax(trainer.model, batch, batch["labels"][:, 1:]).max()) >= len(tokenizer)
+    scorer = ModelScorer(trainer.model, batch, keeps_logits=True, unwrapped_model=trainer.model)
+    assert int(scorer.argmax(batch["labels"][:, 1:]).max()) >= len(tokenizer)
     trainer.train()
 
 

@@ -127,6 +127,12 @@ def qa_config(tmp_path, **overrides):
     return QALossConfig(**config_values(tmp_path, **{"lambda_set": 1.0, "answer_order": "data", **overrides}))
 
 
+def first_batch(trainer) -> dict:
+    """The first batch of the trainer's train dataloader, on its device."""
+    batch = next(iter(trainer.get_train_dataloader()))
+    return {k: v.to(trainer.args.device) for k, v in batch.items()}
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_RECIPE = os.path.join(ROOT, "recipes", "demo-cpu.yaml")
 # What the end-to-end command runs add to the demo recipe: 2 steps, logged each, short rows, no progress bars.

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from transformers import TrainingArguments
 from trl import SFTConfig
 
-from .answer_order import ANSWER_ORDERS, check_answer_order
-from .metrics import MATCH_QUESTIONS
-from .reduction import REDUCTIONS
+from .engine.options import ANSWER_ORDERS, MATCH_QUESTIONS, REDUCTIONS, check_answer_order, check_choice
 
 
 @dataclass
@@ -142,12 +142,8 @@ class QALossConfig(SFTConfig):
                 f"`question_end`={self.question_end!r} is a separator; set it to the text ending questions, e.g. '?'."
             )
         check_answer_order(self.answer_order)
-        if self.set_loss_reduction not in REDUCTIONS:
-            raise ValueError(f"`set_loss_reduction` must be one of {REDUCTIONS}, got {self.set_loss_reduction!r}.")
-        if self.eval_match_questions not in MATCH_QUESTIONS:
-            raise ValueError(
-                f"`eval_match_questions` must be one of {MATCH_QUESTIONS}, got {self.eval_match_questions!r}."
-            )
+        check_choice("set_loss_reduction", self.set_loss_reduction, REDUCTIONS)
+        check_choice("eval_match_questions", self.eval_match_questions, MATCH_QUESTIONS)
         for name, minimum in (
             ("eval_generate_samples", 0),
             ("eval_max_new_tokens", 1),
@@ -159,3 +155,27 @@ class QALossConfig(SFTConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
         super().__post_init__()
+
+
+def as_qaloss_config(args, model) -> QALossConfig:
+    """`args` as a `QALossConfig`: as it is, converted from an `SFTConfig` or `TrainingArguments` (their values, the
+    set-loss fields at their defaults), or the defaults named after `model` when None."""
+    if isinstance(args, QALossConfig):
+        return args
+    if args is None:
+        name = model if isinstance(model, str) else model.config._name_or_path or "model"
+        return QALossConfig(f"{name.rstrip('/').split('/')[-1]}-QALoss")
+    if isinstance(args, TrainingArguments):
+        # Not `to_dict()`: it masks every field named `*_token`, which would replace `eos_token` or `pad_token`.
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+        # The old `gradient_checkpointing*` names mirror the `activation_checkpointing*` ones once set; copying them
+        # too would read as the deprecated spelling and warn again.
+        values.pop("gradient_checkpointing", None)
+        values.pop("gradient_checkpointing_kwargs", None)
+        return QALossConfig(**{k: v for k, v in values.items() if k in QALossConfig.__dataclass_fields__})
+    raise TypeError(f"`args` must be a QALossConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
+
+
+def reads_items(args: QALossConfig) -> bool:
+    """Whether training parses the items (for the set loss or the reordering); if not, this is `SFTTrainer`."""
+    return args.lambda_set > 0 or args.answer_order != "data"

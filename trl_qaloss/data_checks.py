@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from datasets import Dataset
 
-from .loss import count_target_answer_tokens
-from .parsing import parse_answer_tokens
-from .separators import QASeparators
+from .engine.loss import count_target_answer_tokens
+from .engine.parsing import parse_answer_tokens
+from .engine.separators import QASeparators
 
 # Rows parsed at a time; the scan stops at the first batch with a target answer, so a good dataset costs one batch.
 SCAN_ROWS = 256

@@ -127,7 +127,7 @@ def complete(
     """Greedy completions of `prompts` (texts or chat message lists), decoded with the separators kept."""
     import torch
 
-    from .callbacks import greedy_completions, hidden_token_ids
+    from .generation import greedy_completions, hidden_token_ids
 
     tokenizer = loaded.tokenizer
     ids = [prompt_ids(tokenizer, prompt) for prompt in prompts]
@@ -139,7 +139,7 @@ def complete(
 
 def parsed_items(text: str, separators: tuple[str, str, str]) -> list[dict]:
     """The `[{"question", "answers"}]` items of a completion."""
-    from .parsing import parse_qa_text
+    from .engine.parsing import parse_qa_text
 
     return [asdict(item) for item in parse_qa_text(text, *separators)]
 

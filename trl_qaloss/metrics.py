@@ -51,7 +51,8 @@ from collections import Counter
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from .parsing import QAItem, parse_qa_text
+from .engine.options import MATCH_QUESTIONS, check_choice
+from .engine.parsing import QAItem, parse_qa_text
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 
@@ -66,7 +67,6 @@ SCORE_KEYS = (
     "cardinality_error",
     "cardinality_bias",
 )
-MATCH_QUESTIONS = ("position", "text")
 COUNT_KEYS = (
     "questions_expected",
     "questions_predicted",
@@ -173,8 +173,7 @@ def answer_set_scores(
             f"`predictions` and `references` must be aligned; got {len(predictions)} predictions and "
             f"{len(references)} references."
         )
-    if match_questions not in MATCH_QUESTIONS:
-        raise ValueError(f"`match_questions` must be one of {MATCH_QUESTIONS}, got {match_questions!r}.")
+    check_choice("match_questions", match_questions, MATCH_QUESTIONS)
     sums = dict.fromkeys(SCORE_KEYS, 0.0)
     counts = dict.fromkeys(COUNT_KEYS, 0.0)
     counts["num_examples"] = float(len(predictions))

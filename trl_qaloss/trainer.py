@@ -2,64 +2,32 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import dataclasses
-import inspect
 import logging
 
 import torch
-from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin, TrainingArguments, set_seed
-from transformers.trainer_utils import enable_full_determinism
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
-from .answer_order import (
-    aligned_keys,
-    apply_answer_order,
-    argmax_predictions,
-    canonical_keys,
-    cores_of,
-    new_answer_order,
-    parse_cores,
-    preferred_keys,
-    preferred_score_positions,
-)
 from .callbacks import QASetEvalCallback
 from .checkpoints import resolve_resume_checkpoint
-from .config import QALossConfig
-from .data import format_structured
-from .data_checks import check_chat_template, check_columns, check_set_targets, truncation_report
-from .logprobs import CHUNK_ELEMENTS, CUDA_CHUNK_ELEMENTS
-from .loss import seq_starts_from, set_loss_terms, target_counts
-from .matching import align_answers
-from .reduction import reduce_set_loss, reduction_count
-from .separators import QASeparators, is_single_token
+from .config import QALossConfig, as_qaloss_config, reads_items
+from .data_checks import check_set_targets
+from .dataset_preparation import (
+    check_chat_templates,
+    check_datasets_columns,
+    format_structured_datasets,
+    prepare_with_truncation_report,
+)
+from .engine.answer_order import reorder_answers
+from .engine.loss import set_loss_terms, target_counts
+from .engine.parsing import seq_starts_from
+from .engine.reduction import reduce_set_loss, reduction_count
+from .engine.scoring import ModelScorer, accepts_logits_to_keep
+from .engine.separators import QASeparators
+from .separator_tokens import add_separator_tokens
 
 logger = logging.getLogger(__name__)
-
-
-def _as_qaloss_config(args, model) -> QALossConfig:
-    if isinstance(args, QALossConfig):
-        return args
-    if args is None:
-        name = model if isinstance(model, str) else model.config._name_or_path or "model"
-        return QALossConfig(f"{name.rstrip('/').split('/')[-1]}-QALoss")
-    if isinstance(args, TrainingArguments):
-        # Not `to_dict()`: it masks every field named `*_token`, which would replace `eos_token` or `pad_token`.
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-        # The old `gradient_checkpointing*` names mirror the `activation_checkpointing*` ones once set; copying them
-        # too would read as the deprecated spelling and warn again.
-        values.pop("gradient_checkpointing", None)
-        values.pop("gradient_checkpointing_kwargs", None)
-        return QALossConfig(**{k: v for k, v in values.items() if k in QALossConfig.__dataclass_fields__})
-    raise TypeError(f"`args` must be a QALossConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
-
-
-def _reads_items(args: QALossConfig) -> bool:
-    """Whether training parses the items (for the set loss or the reordering); if not, this is `SFTTrainer`."""
-    return args.lambda_set > 0 or args.answer_order != "data"
 
 
 class QALossSFTTrainer(SFTTrainer):
@@ -107,7 +75,7 @@ class QALossSFTTrainer(SFTTrainer):
         peft_config=None,
         **kwargs,
     ):
-        args = _as_qaloss_config(args, model)
+        args = as_qaloss_config(args, model)
         if isinstance(model, str):
             # Loaded here rather than by SFTTrainer so the separators can be added to its embeddings first.
             model_init_kwargs = dict(args.model_init_kwargs or {})
@@ -128,16 +96,14 @@ class QALossSFTTrainer(SFTTrainer):
         tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError("`processing_class` must be a tokenizer or a processor that holds one.")
-        reads_items = _reads_items(args)
-        train_dataset, eval_dataset = self._format_structured(args, train_dataset, eval_dataset)
-        for name, dataset in self._named_datasets(train_dataset, eval_dataset).items():
-            check_chat_template(dataset, name, tokenizer, args.chat_template_path)
+        train_dataset, eval_dataset = format_structured_datasets(args, train_dataset, eval_dataset)
+        check_chat_templates(train_dataset, eval_dataset, tokenizer, args.chat_template_path)
         self._truncation_hints: dict[str, str] = {}
         if args.lambda_set > 0:
             self._check_supported(args, kwargs, positional)
-        if reads_items:
-            self._check_datasets(args, train_dataset, eval_dataset, kwargs.get("formatting_func") is not None)
-            self._add_separator_tokens(model, tokenizer, args, peft_config)
+        if reads_items(args):
+            check_datasets_columns(args, train_dataset, eval_dataset, kwargs.get("formatting_func") is not None)
+            add_separator_tokens(model, tokenizer, args, peft_config)
 
         super().__init__(
             model,
@@ -151,11 +117,11 @@ class QALossSFTTrainer(SFTTrainer):
             **kwargs,
         )
         self.separators = None
-        if reads_items:
+        if reads_items(args):
             self.separators = QASeparators.from_tokenizer(
                 tokenizer, args.qa_token, args.answer_token, args.question_end
             )
-        if reads_items and self.train_dataset is not None:
+        if reads_items(args) and self.train_dataset is not None:
             hint = self._truncation_hints.get("train")
             check_set_targets(self.train_dataset, self.separators, tokenizer, "train_dataset", args, hint)
         if args.lambda_set > 0 and args.packing and not self.padding_free:
@@ -165,10 +131,9 @@ class QALossSFTTrainer(SFTTrainer):
                 "default) or padding_free=True.",
                 args.packing_strategy,
             )
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(type(base).forward).parameters
-        # FSDP and DeepSpeed gather parameters in the wrapped model's forward: there, "aligned" scores through it.
-        self._argmax_from_hidden_states = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        self._accepts_logits_to_keep = accepts_logits_to_keep(self.model)
+        # FSDP and DeepSpeed gather the parameters in the wrapped model's forward: there, "aligned" scores through it.
+        self._params_sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         self._set_count_in_batch = None
         if args.eval_generate_samples > 0 and self.eval_dataset is None and args.eval_strategy == "no":
             # A recipe that turns evaluation off (`--eval_strategy no`) also turns off its generation metrics.
@@ -184,50 +149,17 @@ class QALossSFTTrainer(SFTTrainer):
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    @staticmethod
-    def _named_datasets(train_dataset, eval_dataset) -> dict:
-        """`{"train_dataset": ..., "eval_dataset": ...}` (`eval_dataset['name']` for a dict), without the `None`s."""
-        datasets = {"train_dataset": train_dataset}
-        if isinstance(eval_dataset, dict):
-            datasets.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
-        else:
-            datasets["eval_dataset"] = eval_dataset
-        return {name: dataset for name, dataset in datasets.items() if dataset is not None}
-
-    @staticmethod
-    def _format_structured(args: QALossConfig, train_dataset, eval_dataset):
-        """The datasets with structured `{"context", "qas"}` rows converted by `format_qas_dataset`, as the CLI does."""
-        separators = {name: getattr(args, name) for name in ("qa_token", "answer_token", "question_end")}
-        train_dataset = format_structured(train_dataset, source="train_dataset", **separators)
-        if isinstance(eval_dataset, dict):
-            return train_dataset, {
-                k: format_structured(v, source=f"eval_dataset[{k!r}]", **separators) for k, v in eval_dataset.items()
-            }
-        return train_dataset, format_structured(eval_dataset, source="eval_dataset", **separators)
-
-    @staticmethod
-    def _check_datasets(args: QALossConfig, train_dataset, eval_dataset, has_formatting_func: bool) -> None:
-        for name, dataset in QALossSFTTrainer._named_datasets(train_dataset, eval_dataset).items():
-            check_columns(dataset, name, args.dataset_text_field, has_formatting_func)
-
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        """TRL's preparation; before truncating to `max_length`, counts the rows and target answers it cuts and warns
-        (the hint is repeated if no target answer survives)."""
-        if not (_reads_items(args) and args.max_length is not None and not packing and isinstance(dataset, Dataset)):
+        """TRL's preparation; when training reads the items, the target answers that truncation to `max_length` cuts
+        are counted first and reported in a warning (repeated if no target answer survives)."""
+        if not reads_items(args):
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        untruncated_args = copy.copy(args)
-        untruncated_args.max_length, untruncated_args.shuffle_dataset = None, False
-        full = super()._prepare_dataset(
-            dataset, processing_class, untruncated_args, packing, formatting_func, dataset_name
+        dataset, hint = prepare_with_truncation_report(
+            super()._prepare_dataset, dataset, processing_class, args, packing, formatting_func, dataset_name
         )
-        tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
-        seps = QASeparators.from_tokenizer(tokenizer, args.qa_token, args.answer_token, args.question_end)
-        report = truncation_report(full, args.max_length, args.truncation_mode == "keep_end", seps)
-        if report.cut_answers:
-            self._truncation_hints[dataset_name] = report.message(f"{dataset_name}_dataset", args.max_length)
-            logger.warning(self._truncation_hints[dataset_name])
-        # `full` is tokenized and labelled, so TRL only truncates it (and shuffles it if asked).
-        return super()._prepare_dataset(full, processing_class, args, packing, None, dataset_name)
+        if hint is not None:
+            self._truncation_hints[dataset_name] = hint
+        return dataset
 
     @staticmethod
     def _check_supported(args: QALossConfig, kwargs: dict, positional: tuple = ()) -> None:
@@ -238,42 +170,6 @@ class QALossSFTTrainer(SFTTrainer):
         # `compute_loss_func` follows `processing_class` in SFTTrainer's signature.
         if kwargs.get("compute_loss_func", positional[0] if positional else None) is not None:
             raise ValueError("`compute_loss_func` replaces the loss; it cannot be combined with `lambda_set > 0`.")
-
-    @staticmethod
-    def _add_separator_tokens(model, tokenizer, args: QALossConfig, peft_config) -> None:
-        missing = [t for t in (args.qa_token, args.answer_token) if not is_single_token(tokenizer, t)]
-        if not missing:
-            return
-        if hasattr(model, "peft_config"):
-            raise ValueError(
-                f"The separators {missing} are not single tokens and the model is already a PeftModel, whose "
-                "embeddings cannot be resized here. Pass the base model and a `peft_config` instead, or add the tokens "
-                "and resize the embeddings before wrapping it."
-            )
-        tokenizer.add_tokens(missing, special_tokens=True)
-        new_ids = tokenizer.convert_tokens_to_ids(missing)
-        # The new rows are sampled (mean resizing): seeded here, as `Trainer` would seed, so that they follow `seed`.
-        if args.full_determinism:
-            enable_full_determinism(args.seed)
-        else:
-            set_seed(args.seed)
-        model.resize_token_embeddings(len(tokenizer))
-        logger.warning("Added %s to the tokenizer as special tokens %s and resized the embeddings.", missing, new_ids)
-        if peft_config is not None:
-            indices = peft_config.trainable_token_indices
-            if indices is None:
-                peft_config.trainable_token_indices = list(new_ids)  # PEFT reads a list as the input embeddings
-            elif isinstance(indices, dict):
-                name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()).split(".")[-1]
-                indices.setdefault(name, []).extend(new_ids)
-            else:
-                indices.extend(new_ids)
-            if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
-                logger.warning(
-                    "The embeddings are not tied: the LM head rows of %s stay frozen under PEFT. Add the LM head to "
-                    "`modules_to_save` to train them, or use a tokenizer that already has the separators.",
-                    missing,
-                )
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -298,7 +194,21 @@ class QALossSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.answer_order != "data" and self.model.training:
             # Both terms below then read the reordered batch: its contexts agree with the targets they predict.
-            inputs = self._reorder_answers(model, inputs)
+            scorer = ModelScorer(
+                model,
+                inputs,
+                self._accepts_logits_to_keep,
+                None if self._params_sharded else self.accelerator.unwrap_model(model),
+            )
+            input_ids, labels = reorder_answers(
+                inputs["input_ids"],
+                inputs["labels"],
+                self.separators,
+                self.args.answer_order,
+                position_ids=inputs.get("position_ids"),
+                scorer=scorer,
+            )
+            inputs = {**inputs, "input_ids": input_ids, "labels": labels}
         if self.args.lambda_set == 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
@@ -341,110 +251,6 @@ class QALossSFTTrainer(SFTTrainer):
 
         self._log_metrics(mode, inputs, terms, nll_sum.detach(), targets)
         return (loss, outputs) if return_outputs else loss
-
-    def _reorder_answers(self, model, inputs: dict) -> dict:
-        """`inputs` with `input_ids` and `labels` rewritten in the configured `answer_order` (see `reorder_answers`).
-
-        "preferred" and "aligned" run one forward without gradient on the batch as given, dropout off, building
-        only the logits they read: one position per item for "preferred", the argmax of the labelled positions for
-        "aligned".
-        The batch is left as it is when no item has two answers.
-        """
-        order = self.args.answer_order
-        labels = inputs["labels"]
-        targets = labels[:, 1:]
-        seq_starts = seq_starts_from(inputs.get("position_ids"))
-        num_ids = self.separators.num_ids(targets)
-        cores = parse_cores(targets, self.separators, num_ids, seq_starts)
-        if not cores.sets.per_item.numel() or int(cores.sets.per_item.max()) < 2:
-            return inputs
-        if order == "canonical":
-            keys = canonical_keys(cores)
-        elif order == "preferred":
-            rows, positions = preferred_score_positions(cores)
-            kept, index = positions.unique(return_inverse=True)
-            logits = self._scoring_logits(model, inputs, kept)
-            keys = preferred_keys(logits[rows, index, cores.first_token])
-        else:
-            predictions = self._scoring_argmax(model, inputs, targets)
-            valid = targets != -100
-            # Models often have more output rows than the tokenizer has tokens; those ids are skip tokens.
-            num_ids = self.separators.num_ids(targets, predictions)
-            alignment = align_answers(targets, predictions, valid, self.separators, num_ids, seq_starts)
-            cores = cores_of(alignment.target_tokens, alignment.target_answers, valid)
-            keys = aligned_keys(alignment)
-        input_ids, labels = apply_answer_order(inputs["input_ids"], labels, cores, new_answer_order(cores, keys))
-        return {**inputs, "input_ids": input_ids, "labels": labels}
-
-    @contextlib.contextmanager
-    def _dropout_off(self, model):
-        """Dropout layers in eval mode, so that a scoring forward does not depend on a random mask. Only them: in
-        eval mode, bitsandbytes' 4-bit layers repack their weights in place on some CPUs, which breaks the next
-        training step."""
-        dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
-        for m in dropouts:
-            m.eval()
-        try:
-            yield
-        finally:
-            for m in dropouts:
-                m.train()
-
-    @torch.no_grad()
-    def _scoring_logits(self, model, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
-        """`[B, K, V]` logits at the sorted `positions` `[K]` of a forward without gradient on `inputs`."""
-        forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        forward_inputs["use_cache"] = False
-        if self._accepts_logits_to_keep:
-            # A tail is kept with an int (every model takes it); other positions with a 1-D index tensor.
-            contiguous = int(positions[-1]) - int(positions[0]) + 1 == positions.numel()
-            ends_the_row = contiguous and int(positions[-1]) == inputs["labels"].size(1) - 1
-            forward_inputs["logits_to_keep"] = positions.numel() if ends_the_row else positions
-        with self._dropout_off(model):
-            logits = model(**forward_inputs).logits
-        return logits if self._accepts_logits_to_keep else logits[:, positions]
-
-    @torch.no_grad()
-    def _scoring_argmax(self, model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
-        """`[B, P]` the argmax of a forward without gradient at every labelled target position (0 elsewhere).
-
-        When the model can be split into its backbone and LM head (not under FSDP or DeepSpeed, which shard them),
-        only the backbone's hidden states are kept and the LM head runs on chunks of the labelled rows: no
-        `[B, T, V]` logits are built. Final-logit scaling and soft-capping, which some models apply after the head,
-        are monotone and leave the argmax as it is.
-        """
-        valid = targets != -100
-        first = int(valid.any(0).nonzero()[0])
-        predictions = torch.zeros_like(targets)
-        parts = self._backbone_and_head(model) if self._argmax_from_hidden_states else None
-        if parts is None:
-            tail = torch.arange(first, targets.size(1) + 1, device=targets.device)  # logits positions first..T-1
-            logits = self._scoring_logits(model, inputs, tail)
-            predictions[:, first:] = argmax_predictions(logits, targets[:, first:])
-            return predictions
-        backbone, head = parts
-        forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        forward_inputs["use_cache"] = False
-        with self._dropout_off(model):
-            hidden = backbone(**forward_inputs).last_hidden_state  # [B, T, H]
-        rows_b, rows_p = valid.nonzero(as_tuple=True)  # logits[:, p] predicts targets[:, p]
-        step = max(1, (CHUNK_ELEMENTS if hidden.device.type == "cpu" else CUDA_CHUNK_ELEMENTS) // head.out_features)
-        for start in range(0, rows_b.numel(), step):
-            b, p = rows_b[start : start + step], rows_p[start : start + step]
-            predictions[b, p] = head(hidden[b, p].to(head.weight.device)).argmax(-1).to(predictions.device)
-        return predictions
-
-    def _backbone_and_head(self, model):
-        """`(backbone, lm_head)` of the model being trained, or None if it has no such split."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        backbone = getattr(base, "base_model", None)
-        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-        if backbone is None or backbone is base or not isinstance(getattr(head, "weight", None), torch.Tensor):
-            return None
-        if not hasattr(head, "out_features"):
-            return None
-        return backbone, head
 
     def _log_metrics(self, mode, inputs, terms, nll_sum, targets) -> None:
         gather = self.accelerator.gather_for_metrics

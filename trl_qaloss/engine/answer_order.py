@@ -32,20 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .logprobs import vocab_stats
-from .loss import seq_starts_from
 from .matching import Alignment, AnswerSets, align_answers, group_answers
-from .parsing import AnswerTokens, parse_answer_tokens
+from .options import MODEL_ORDERS, check_answer_order
+from .parsing import AnswerTokens, parse_answer_tokens, seq_starts_from
+from .scoring import LogitsScorer
 from .separators import QASeparators
-
-ANSWER_ORDERS = ("data", "canonical", "preferred", "aligned")
-# The modes that read a forward of the model on the batch as given.
-MODEL_ORDERS = ("preferred", "aligned")
-
-
-def check_answer_order(order: str) -> None:
-    if order not in ANSWER_ORDERS:
-        raise ValueError(f"`answer_order` must be one of {ANSWER_ORDERS}, got {order!r}.")
 
 
 @dataclass
@@ -150,15 +141,6 @@ def aligned_keys(alignment: Alignment) -> np.ndarray:
     return keys.cpu().numpy()
 
 
-def argmax_predictions(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """`[B, P]` the argmax of `logits` `[B, >= P, V]` at every labelled target position (0 elsewhere), read in
-    chunks: no copy of the logits is made."""
-    rows_b, rows_p = (targets != -100).nonzero(as_tuple=True)
-    predictions = torch.zeros_like(targets)
-    predictions[rows_b, rows_p] = vocab_stats(logits, rows_b * logits.size(1) + rows_p, with_lse=False).argmax
-    return predictions
-
-
 def new_answer_order(cores: AnswerCores, keys: np.ndarray) -> torch.Tensor:
     """`[A]` the answer that goes to each answer slot: a stable sort by (item, keys), frozen items left as they are."""
     item = cores.sets.item.cpu().numpy()
@@ -214,7 +196,7 @@ def apply_answer_order(
     return input_ids.gather(1, source), labels.gather(1, source.to(labels.device))
 
 
-def check_reorder_inputs(input_ids, labels, order: str, logits=None, position_ids=None) -> None:
+def check_reorder_inputs(input_ids, labels, order: str, logits=None, position_ids=None, scorer=None) -> None:
     """Raise a ValueError naming the argument when the inputs of `reorder_answers` do not fit together."""
     check_answer_order(order)
     if input_ids.dim() != 2 or labels.shape != input_ids.shape:
@@ -225,7 +207,7 @@ def check_reorder_inputs(input_ids, labels, order: str, logits=None, position_id
         raise ValueError(
             f"`position_ids` must have the labels' shape {tuple(labels.shape)}, got {tuple(position_ids.shape)}."
         )
-    if order in MODEL_ORDERS:
+    if order in MODEL_ORDERS and scorer is None:
         if logits is None:
             raise ValueError(f"`answer_order={order!r}` needs the `logits` of a forward on `input_ids`.")
         if logits.dim() != 3 or logits.shape[:2] != labels.shape or not logits.is_floating_point():
@@ -235,6 +217,27 @@ def check_reorder_inputs(input_ids, labels, order: str, logits=None, position_id
             )
 
 
+def answer_keys(
+    order: str, targets: torch.Tensor, seps: QASeparators, seq_starts: torch.Tensor | None, scorer
+) -> tuple[AnswerCores, np.ndarray] | None:
+    """The answer cores of shifted `targets` `[B, P]` and their sort keys `[A, L]` under `order` (not "data"), or
+    None when no item has two answers to order (then the scorer is never asked). `scorer`: see `scoring.py`."""
+    cores = parse_cores(targets, seps, seps.num_ids(targets), seq_starts)
+    if not cores.sets.per_item.numel() or int(cores.sets.per_item.max()) < 2:
+        return None
+    if order == "canonical":
+        return cores, canonical_keys(cores)
+    if order == "preferred":
+        rows, positions = preferred_score_positions(cores)
+        kept, index = positions.unique(return_inverse=True)
+        return cores, preferred_keys(scorer.logits_at(kept)[rows, index, cores.first_token])
+    predictions = scorer.argmax(targets)
+    valid = targets != -100
+    # Models often have more output rows than the tokenizer has tokens; those ids are skip tokens.
+    alignment = align_answers(targets, predictions, valid, seps, seps.num_ids(targets, predictions), seq_starts)
+    return cores_of(alignment.target_tokens, alignment.target_answers, valid), aligned_keys(alignment)
+
+
 def reorder_answers(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
@@ -242,6 +245,7 @@ def reorder_answers(
     order: str = "data",
     logits: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    scorer=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reorder the answers of every item of a batch, rewriting `input_ids` and `labels` together.
 
@@ -250,30 +254,21 @@ def reorder_answers(
         labels: `[B, T]` un-shifted labels, -100 where ignored; items and answers are read from them.
         seps: from `QASeparators.from_tokenizer`.
         order: `"data"`, `"canonical"`, `"preferred"` or `"aligned"` (see the module docstring).
-        logits: `[B, T, V]` un-shifted logits of a forward on `input_ids`, any float dtype; required by
-            `"preferred"` and `"aligned"`, ignored by the others.
+        logits: `[B, T, V]` un-shifted logits of a forward on `input_ids`, any float dtype; what `"preferred"` and
+            `"aligned"` read unless `scorer` is given, ignored by the others.
         position_ids: optional `[B, T]`; in packed rows each 0 starts a sequence, and no item spans two.
+        scorer: instead of `logits`, where `"preferred"` and `"aligned"` get the model's scores: a
+            `scoring.ModelScorer` runs the model for only what they read (as `QALossSFTTrainer` does).
     Returns:
         New `(input_ids, labels)` tensors of the same shapes; the inputs are never modified.
     """
-    check_reorder_inputs(input_ids, labels, order, logits, position_ids)
+    check_reorder_inputs(input_ids, labels, order, logits, position_ids, scorer)
     if order == "data":
         return input_ids.clone(), labels.clone()
-    targets = labels[:, 1:]
-    seq_starts = seq_starts_from(position_ids)
-    num_ids = seps.num_ids(targets)
-    if order in MODEL_ORDERS:
-        num_ids = max(num_ids, logits.size(-1))
-    if order == "aligned":
-        predictions = argmax_predictions(logits, targets)
-        alignment = align_answers(targets, predictions, targets != -100, seps, num_ids, seq_starts)
-        cores = cores_of(alignment.target_tokens, alignment.target_answers, targets != -100)
-        keys = aligned_keys(alignment)
-    else:
-        cores = parse_cores(targets, seps, num_ids, seq_starts)
-        if order == "canonical":
-            keys = canonical_keys(cores)
-        else:
-            rows, positions = preferred_score_positions(cores)
-            keys = preferred_keys(logits[rows, positions, cores.first_token])
+    if scorer is None and order in MODEL_ORDERS:
+        scorer = LogitsScorer(logits)
+    ordered = answer_keys(order, labels[:, 1:], seps, seq_starts_from(position_ids), scorer)
+    if ordered is None:
+        return input_ids.clone(), labels.clone()
+    cores, keys = ordered
     return apply_answer_order(input_ids, labels, cores, new_answer_order(cores, keys))

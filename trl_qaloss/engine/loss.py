@@ -29,8 +29,9 @@ from torch.profiler import record_function
 
 from .logprobs import VocabStats, log_sum_exp, selected_log_probs, vocab_stats
 from .matching import Alignment, align_answers
-from .parsing import parse_answer_tokens, sequence_index
-from .reduction import REDUCTIONS, reduce_set_loss, reduction_count
+from .options import REDUCTIONS, check_choice
+from .parsing import parse_answer_tokens, seq_starts_from, sequence_index
+from .reduction import reduce_set_loss, reduction_count
 from .separators import QASeparators
 
 
@@ -134,8 +135,7 @@ def pair_costs(alignment: Alignment, valid: torch.Tensor, seq_starts: torch.Tens
 def _check_inputs(
     logits: torch.Tensor, labels: torch.Tensor, reduction: str, position_ids: torch.Tensor | None = None
 ) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
+    check_choice("reduction", reduction, REDUCTIONS)
     if logits.dim() != 3 or labels.dim() != 2 or logits.shape[0] != labels.shape[0]:
         raise ValueError(
             f"Expected logits [B, T, V] and labels [B, T]; got {tuple(logits.shape)} and {tuple(labels.shape)}."
@@ -297,11 +297,3 @@ def count_target_answer_tokens(
 ) -> int:
     """Number of target answer tokens in shifted `target_ids` `[B, P]`."""
     return int(target_counts(target_ids, seps, seq_starts)["target_tokens"])
-
-
-def seq_starts_from(position_ids: torch.Tensor | None, first: int = 0) -> torch.Tensor | None:
-    """`[B, P]` bool sequence starts of the shifted targets `labels[:, first + 1:]`, from un-shifted `position_ids`.
-
-    Target p is token `first + 1 + p`; a packed sequence starts where its position id is 0.
-    """
-    return None if position_ids is None else position_ids[:, first + 1 :] == 0

@@ -1,6 +1,7 @@
 """How a batch's set sum becomes the set loss: the one place to change or add a reduction.
 
-A reduction is one branch in `reduction_count` (what a batch adds to the divisor) and one in `reduce_set_loss`.
+A reduction is one branch in `reduction_count` (what a batch adds to the divisor) and one in `reduce_set_loss`, and
+its name in `options.REDUCTIONS`.
 Everything that reduces goes through these two: `set_matching_loss`, the reference, the trainer's loss (which sums
 `reduction_count` over the accumulation window and the processes) and the trainer's logged `set_loss`.
 """
@@ -8,8 +9,6 @@ Everything that reduces goes through these two: `set_matching_loss`, the referen
 from __future__ import annotations
 
 import torch
-
-REDUCTIONS = ("mean", "sum")
 
 
 def reduction_count(reduction: str, stats: dict[str, float]) -> float:

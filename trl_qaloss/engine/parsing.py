@@ -189,3 +189,11 @@ def parse_qa_text(
         answers = [a.strip() for a in rest.split(answer_token)[1:]] if found else []
         items.append(QAItem(question.strip(), [a for a in answers if a]))
     return items
+
+
+def seq_starts_from(position_ids: torch.Tensor | None, first: int = 0) -> torch.Tensor | None:
+    """`[B, P]` bool sequence starts of the shifted targets `labels[:, first + 1:]`, from un-shifted `position_ids`.
+
+    Target p is token `first + 1 + p`; a packed sequence starts where its position id is 0.
+    """
+    return None if position_ids is None else position_ids[:, first + 1 :] == 0

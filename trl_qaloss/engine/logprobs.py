@@ -25,11 +25,11 @@ CUDA_CHUNK_ELEMENTS = 1 << 25
 _MIN_SHIFTED_LOGIT = -200.0
 
 
-def _rows_per_chunk(vocab_size: int, device: torch.device) -> int:
+def rows_per_chunk(vocab_size: int, device: torch.device) -> int:
     return max(1, (CHUNK_ELEMENTS if device.type == "cpu" else CUDA_CHUNK_ELEMENTS) // vocab_size)
 
 
-def _row_chunks(num_rows: int, step: int):
+def row_chunks(num_rows: int, step: int):
     for start in range(0, num_rows, step):
         yield start, min(start + step, num_rows)
 
@@ -55,9 +55,9 @@ def _gathered_chunks(logits: torch.Tensor, rows: torch.Tensor):
     """Yield `(start, end, x)` over `rows` in cache-sized chunks, `x` `[end - start, V]` the float32 rows
     `logits.view(-1, V)[rows[start:end]]`, written into one reused buffer (valid until the next chunk)."""
     flat = rows_view(logits)
-    step = _rows_per_chunk(logits.size(-1), logits.device)
+    step = rows_per_chunk(logits.size(-1), logits.device)
     buffer = torch.empty(min(step, rows.numel()), logits.size(-1), dtype=torch.float32, device=logits.device)
-    for start, end in _row_chunks(rows.numel(), step):
+    for start, end in row_chunks(rows.numel(), step):
         yield start, end, _gather(flat, rows[start:end], buffer)
 
 
