@@ -92,7 +92,7 @@ def main(out_dir: str, world_size: int) -> None:
     for name, overrides in SETTINGS.items():
         loss, grads, trainer = train_one_step(Path(out_dir) / name, world_size, accumulation=2, **overrides)
         assert trainer.args.world_size == world_size, trainer.args.world_size
-        results[name] = {"loss": loss, "grads": grads}
+        results[name] = {"loss": loss, "grads": grads, "set_loss": trainer.state.log_history[0].get("set_loss")}
     if trainer.accelerator.is_main_process:
         torch.save(results, Path(out_dir) / "results.pt")
 

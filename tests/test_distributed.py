@@ -68,3 +68,7 @@ def test_two_processes_give_the_one_process_gradients(tmp_path, one_batch):
     two = torch.load(tmp_path / "results.pt")
     for name in SETTINGS:
         assert_same_step(two[name]["loss"], two[name]["grads"], *one_batch[name])
+    # The logged set loss with "sum": each micro-batch logs the mean of the processes' sums, so 2 processes of 2
+    # micro-batches of 2 rows log what 1 process of 4 micro-batches of 2 rows logs (their total would log twice it).
+    _, _, accumulated = train_one_step(tmp_path / "acc4", accumulation=4, **SETTINGS["set_sum"])
+    assert two["set_sum"]["set_loss"] == pytest.approx(accumulated.state.log_history[0]["set_loss"], rel=1e-5)

@@ -114,6 +114,14 @@ def test_normalization_and_unicode():
     assert_set(scores(WHO + "<A> the", WHO + "<A> a"), 0, 0, 0)
 
 
+def test_every_article_is_dropped():
+    for article in ("a", "an", "the", "A", "An", "The"):
+        assert normalize_answer(f"{article} dog") == "dog", article
+        assert_set(scores(WHO + f"<A> {article} dog", WHO + "<A> dog"), 1, 1)
+    assert normalize_answer("an apple a day") == "apple day"
+    assert normalize_answer("bandana") == "bandana"  # only whole words
+
+
 def test_soft_f1_gives_partial_credit_with_a_one_to_one_matching():
     partial = scores(WHO + "<A> New York City", WHO + "<A> new york")
     assert partial["set_f1"] == 0

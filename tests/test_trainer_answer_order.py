@@ -10,7 +10,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from tests.distributed_worker import copying_llama, swapping_llama
-from tests.testing_utils import config_values, first_batch, nf4_quantization, qa_config, qa_dataset, tiny_llama
+from tests.testing_utils import WORDS, config_values, first_batch, nf4_quantization, qa_config, qa_dataset, tiny_llama
 from trl_qaloss import QALossSFTTrainer, reorder_answers, set_matching_loss
 from trl_qaloss.engine.scoring import ModelScorer
 
@@ -172,6 +172,34 @@ def test_model_vocabulary_larger_than_the_tokenizer(tokenizer, tmp_path):
     scorer = ModelScorer(trainer.model, batch, keeps_logits=True, unwrapped_model=trainer.model)
     assert int(scorer.argmax(batch["labels"][:, 1:]).max()) >= len(tokenizer)
     trainer.train()
+
+
+def test_a_batch_whose_largest_item_has_two_answers_is_reordered(tokenizer, tmp_path):
+    """The reordering skips a batch only when no item has two answers: two are enough."""
+    from datasets import Dataset
+
+    from trl_qaloss.engine.separators import QASeparators
+
+    words = sorted((ids[0], w) for w in WORDS for ids in [tokenizer.encode(" " + w)] if len(ids) == 1)
+    (_, low), (_, high) = words[0], words[-1]
+    rows = [{"prompt": "context:", "completion": f" <QA> who wrote it? <A> {high} <A> {low} <QA> where? <A> {low}"}]
+    trainer = QALossSFTTrainer(
+        model=tiny_llama(len(tokenizer)),
+        args=qa_config(tmp_path, lambda_set=0.0, answer_order="canonical"),
+        train_dataset=Dataset.from_list(rows * 4),
+        processing_class=tokenizer,
+    )
+    batch = first_batch(trainer)
+    seps = QASeparators.from_tokenizer(tokenizer)
+    expected, _ = reorder_answers(batch["input_ids"], batch["labels"], seps, "canonical")
+    assert not torch.equal(expected, batch["input_ids"])  # sorted, the low id comes first
+    seen = []
+    hook = trainer.model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    trainer.model.train()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, dict(batch))
+    hook.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], expected)
 
 
 def test_config_rejects_an_unknown_order(tmp_path):

@@ -16,7 +16,7 @@ Dimension letters, here and in the modules above (each letter has one meaning):
     N answers per item after padding with empty answers
     M matched pairs                U missing target answers
     C entries read by the matched pairs (one per target token of a pair read at a labelled position)
-    K positions kept by a scoring forward (`answer_order.py`)
+    K positions kept by a scoring forward (`scoring.py`)
 """
 
 from __future__ import annotations

@@ -1,0 +1,153 @@
+"""The package reads as its layers: the loss engine (`trl_qaloss.engine`), the TRL integration, the command line
+(`trl_qaloss.cli`). Imports only go down the layers, no module imports itself back through others, importing the
+config or the package loads no engine code, and every import that worked before the layers still works."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "trl_qaloss"
+LAYERS = ("engine", "integration", "cli")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> str:
+    if module == "trl_qaloss.__main__":  # `python -m trl_qaloss`: the command line
+        return "cli"
+    for name in ("engine", "cli"):
+        if module == f"trl_qaloss.{name}" or module.startswith(f"trl_qaloss.{name}."):
+            return name
+    return "integration"
+
+
+def package_imports() -> dict[str, set[str]]:
+    """`{module: the package modules it imports}`, at module level or inside functions, from the source."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for module, path in modules.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+            else:
+                continue
+            imported |= {name for name in names if name in modules and name != module}
+        graph[module] = imported
+    return graph
+
+
+def test_imports_only_go_down_the_layers():
+    upward = [
+        f"{module} ({layer(module)}) imports {target} ({layer(target)})"
+        for module, targets in package_imports().items()
+        for target in targets
+        if LAYERS.index(layer(target)) > LAYERS.index(layer(module)) and not module.startswith("trl_qaloss.demo")
+    ]
+    assert not upward, upward
+
+
+def test_no_import_cycle():
+    graph = package_imports()
+    # A package's __init__ importing its own modules is how a package is made, not a cycle between modules.
+    edges = {
+        m: {t for t in targets if not m.endswith(("trl_qaloss", ".engine", ".cli"))} for m, targets in graph.items()
+    }
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(edges[module]):
+            if state.get(target) == 1:
+                pytest.fail("import cycle: " + " -> ".join([*path[path.index(target) :], target]))
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+
+
+def loaded_modules(statement: str) -> list[str]:
+    """The package modules that `statement` loads in a fresh interpreter."""
+    code = f"import sys; {statement}; print(' '.join(m for m in sys.modules if m.startswith('trl_qaloss')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    return sorted(result.stdout.split())
+
+
+def test_importing_the_config_loads_no_engine_code():
+    assert loaded_modules("import trl_qaloss.config") == [
+        "trl_qaloss",
+        "trl_qaloss._log_filters",
+        "trl_qaloss.config",
+        "trl_qaloss.engine",
+        "trl_qaloss.engine.options",
+    ]
+
+
+def test_importing_the_package_loads_nothing_until_a_name_is_used():
+    assert loaded_modules("import trl_qaloss") == ["trl_qaloss", "trl_qaloss._log_filters"]
+    assert "trl_qaloss.trainer" in loaded_modules("from trl_qaloss import QALossSFTTrainer")
+
+
+def test_the_public_names_import():
+    import trl_qaloss
+
+    for name in trl_qaloss.__all__:
+        assert getattr(trl_qaloss, name) is not None, name
+    assert set(trl_qaloss.__all__) <= set(dir(trl_qaloss))
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        trl_qaloss.nothing  # noqa: B018
+    namespace: dict = {}
+    exec("from trl_qaloss import *", namespace)
+    assert {"QALossConfig", "QALossSFTTrainer", "reorder_answers", "set_matching_loss"} <= namespace.keys()
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        *(
+            (f"trl_qaloss.{name}", f"trl_qaloss.engine.{name}")
+            for name in (
+                "answer_order",
+                "logprobs",
+                "loss",
+                "matching",
+                "parsing",
+                "reduction",
+                "reference",
+                "separators",
+                "similarity",
+            )
+        ),
+    ],
+)
+def test_a_module_imports_under_its_earlier_name(old, new):
+    """One module object under both names: its functions, classes and state are the same."""
+    moved = importlib.import_module(old)
+    assert moved is importlib.import_module(new)
+    assert moved.__spec__.name == new and moved.__name__ == new
+    assert loaded_modules(f"import {old}")  # in a fresh interpreter too
+
+
+def test_documented_imports():
+    from trl_qaloss.parsing import parse_qa_text  # noqa: F401
+    from trl_qaloss.reference import reorder_answers_reference, set_matching_loss_reference  # noqa: F401
+
+    from trl_qaloss.data import format_qas, format_qas_dataset, load_qa_dataset  # noqa: F401
