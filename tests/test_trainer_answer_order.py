@@ -202,6 +202,31 @@ def test_a_batch_whose_largest_item_has_two_answers_is_reordered(tokenizer, tmp_
     assert len(seen) == 1 and torch.equal(seen[0], expected)
 
 
+def test_sharded_parameters_are_scored_through_the_wrapped_forward(tokenizer, tmp_path):
+    """FSDP and DeepSpeed gather the parameters only in the wrapped model's forward: there "aligned" scores with a
+    second forward of the whole model, elsewhere with the backbone alone and the LM head in chunks."""
+    trainer = QALossSFTTrainer(
+        model=swapping_llama(tokenizer),
+        args=qa_config(tmp_path, lambda_set=0.0, answer_order="aligned"),
+        train_dataset=qa_dataset(),
+        processing_class=tokenizer,
+    )
+    assert not trainer._params_sharded
+    batch = first_batch(trainer)
+    calls = []
+    hook = trainer.model.register_forward_pre_hook(lambda module, args: calls.append(module))
+    trainer.model.train()
+    losses = []
+    for sharded, model_forwards in ((False, 1), (True, 2)):
+        trainer._params_sharded = sharded
+        calls.clear()
+        with torch.no_grad():
+            losses.append(trainer.compute_loss(trainer.model, dict(batch)))
+        assert len(calls) == model_forwards
+    hook.remove()
+    assert torch.equal(losses[0], losses[1])
+
+
 def test_config_rejects_an_unknown_order(tmp_path):
     with pytest.raises(ValueError, match="answer_order"):
         qa_config(tmp_path, answer_order="sorted")
