@@ -18,7 +18,15 @@ from trl_qaloss.engine.scoring import LogitsScorer, ModelScorer, accepts_logits_
 def lora_trainer(tokenizer, tmp_path):
     from peft import LoraConfig
 
-    peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules="all-linear", task_type="CAUSAL_LM")
+    # Random LoRA weights (PEFT starts B at zero): dropout on the LoRA inputs then changes the outputs.
+    peft_config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.5,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,
+    )
     return QALossSFTTrainer(
         model=swapping_llama(tokenizer),
         args=qa_config(tmp_path, lambda_set=0.0, answer_order="aligned"),
