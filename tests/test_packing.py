@@ -71,6 +71,17 @@ def test_an_item_never_spans_two_sequences(tokenizer, seps):
     assert joined.stats["matched"] < 3
 
 
+def test_sequence_starts_are_read_from_the_position_ids():
+    """Target p is token p + 1 (token first + 1 + p when the logits start at `first`): it starts a sequence where its
+    position id is 0."""
+    from trl_qaloss.engine.parsing import seq_starts_from
+
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])
+    assert seq_starts_from(None) is None
+    assert seq_starts_from(position_ids).tolist() == [[False, False, True, False, True, False, False]]
+    assert seq_starts_from(position_ids, first=2).tolist() == [[True, False, True, False, False]]
+
+
 def test_position_ids_shape_is_checked(seps, tokenizer):
     logits, labels = random_batch(seps, len(tokenizer), batch=2, length=16)
     with pytest.raises(ValueError, match="position_ids"):

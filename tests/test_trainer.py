@@ -152,8 +152,10 @@ def test_qlora_4bit_trains(model, tokenizer, tmp_path):
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
 
 
-def test_separators_are_added_when_missing(tmp_path):
-    """A tokenizer without the separators gets them as special tokens; PEFT trains their embedding rows."""
+@pytest.mark.parametrize("own_indices", [None, [5], {"embed_tokens": [5]}], ids=["none", "list", "dict"])
+def test_separators_are_added_when_missing(tmp_path, own_indices):
+    """A tokenizer without the separators gets them as special tokens; PEFT trains their embedding rows, next to the
+    rows the user's `trainable_token_indices` already lists."""
     from peft import LoraConfig
 
     tokenizer = build_tokenizer()
@@ -161,16 +163,43 @@ def test_separators_are_added_when_missing(tmp_path):
     dataset = qa_dataset().map(lambda r: {"completion": r["completion"].replace("<QA>", "<Q>").replace("<A>", "<ANS>")})
     vocab = len(tokenizer)
     model = tiny_llama(vocab)
-    peft_config = LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=4, target_modules="all-linear", task_type="CAUSAL_LM", trainable_token_indices=copy.deepcopy(own_indices)
+    )
     trainer = QALossSFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
     assert len(tokenizer) == vocab + 2
     assert trainer.separators.qa_id == tokenizer.convert_tokens_to_ids("<Q>")
     assert trainer.model.get_base_model().config.vocab_size == vocab + 2
-    assert sorted(peft_config.trainable_token_indices) == sorted(tokenizer.convert_tokens_to_ids(["<Q>", "<ANS>"]))
+    added = tokenizer.convert_tokens_to_ids(["<Q>", "<ANS>"])
+    indices = peft_config.trainable_token_indices
+    assert sorted(indices["embed_tokens"] if isinstance(own_indices, dict) else indices) == sorted(
+        (own_indices and [5] or []) + added
+    )
     assert any("trainable_tokens" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
     trainer.train()
+
+
+def test_a_formatting_function_is_applied_once(model, tokenizer, tmp_path, caplog):
+    """With a `max_length`, the rows are tokenized in full before truncation: the formatting function is applied
+    then, and TRL is not handed it again for rows it already tokenized (it would warn that it ignores it)."""
+    import logging
+
+    dataset = qa_dataset(8).map(
+        lambda r: {"question_text": r["prompt"] + r["completion"]}, remove_columns=["prompt", "completion"]
+    )
+    args = qa_config(tmp_path, completion_only_loss=False, max_length=64)
+    with caplog.at_level(logging.WARNING):
+        trainer = QALossSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            formatting_func=lambda row: row["question_text"],
+        )
+    assert "formatting_func` will be ignored" not in caplog.text
+    assert len(trainer.train_dataset[0]["input_ids"]) <= 64
 
 
 def test_added_separator_rows_follow_the_seed(tmp_path):
