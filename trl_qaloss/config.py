@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from .answer_order import ANSWER_ORDERS, check_answer_order
+from .compat import mirror_checkpointing_names, resolve_checkpointing_names
 from .metrics import MATCH_QUESTIONS
 from .reduction import REDUCTIONS
 
@@ -54,6 +55,10 @@ class QALossConfig(SFTConfig):
     )
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Old name of `activation_checkpointing`; use that instead."}
+    )
+    # Declared here too so that it works with the transformers releases that know only the old name (see compat.py).
+    activation_checkpointing_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Keyword arguments of activation checkpointing, e.g. {'use_reentrant': true}."}
     )
 
     lambda_ce: float = field(
@@ -158,4 +163,6 @@ class QALossConfig(SFTConfig):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+        resolve_checkpointing_names(self)
         super().__post_init__()
+        mirror_checkpointing_names(self)

@@ -28,6 +28,7 @@ from .answer_order import (
 )
 from .callbacks import QASetEvalCallback
 from .checkpoints import resolve_resume_checkpoint
+from .compat import SettingsCheck, checkpointing_values
 from .config import QALossConfig
 from .data import format_structured
 from .data_checks import check_chat_template, check_columns, check_set_targets, truncation_report
@@ -49,10 +50,8 @@ def _as_qaloss_config(args, model) -> QALossConfig:
     if isinstance(args, TrainingArguments):
         # Not `to_dict()`: it masks every field named `*_token`, which would replace `eos_token` or `pad_token`.
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-        # The old `gradient_checkpointing*` names mirror the `activation_checkpointing*` ones once set; copying them
-        # too would read as the deprecated spelling and warn again.
-        values.pop("gradient_checkpointing", None)
-        values.pop("gradient_checkpointing_kwargs", None)
+        # The checkpointing settings under their current names only: the old ones would warn again (see compat.py).
+        values = checkpointing_values(values)
         return QALossConfig(**{k: v for k, v in values.items() if k in QALossConfig.__dataclass_fields__})
     raise TypeError(f"`args` must be a QALossConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
 
@@ -170,6 +169,7 @@ class QALossSFTTrainer(SFTTrainer):
         # FSDP and DeepSpeed gather parameters in the wrapped model's forward: there, "aligned" scores through it.
         self._argmax_from_hidden_states = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         self._set_count_in_batch = None
+        self.add_callback(SettingsCheck())
         if args.eval_generate_samples > 0 and self.eval_dataset is None and args.eval_strategy == "no":
             # A recipe that turns evaluation off (`--eval_strategy no`) also turns off its generation metrics.
             logger.warning(
