@@ -7,7 +7,8 @@ every supported release and resolves them to one setting: with a release that kn
 are copied onto them before transformers reads them, and mirror them afterwards, so that code reading either name sees
 the same value and no release warns about a name the user did not write.
 
-Only the standard library and `transformers.TrainingArguments` are imported here: `config.py` imports this module.
+`config.py` imports this module, so it imports nothing heavy: the standard library, transformers' `TrainingArguments`
+and `TrainerCallback`, and `errors.py`.
 """
 
 from __future__ import annotations
