@@ -95,3 +95,21 @@ def test_an_unknown_recipe_field_names_the_installed_releases(tmp_path):
     with pytest.raises(ValueError, match=r"^Unknown field `activation_checkpointing_kwarg` in .*recipe\.yaml\. ") as e:
         parse_args(["--config", str(recipe)])
     assert "(transformers " in str(e.value) and ", trl " in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_model_that_cannot_checkpoint_is_refused_when_the_trainer_is_made(tmp_path, tokenizer):
+    from transformers import LlamaForCausalLM
+
+    from tests.testing_utils import qa_config, qa_dataset
+    from trl_qaloss import QALossSFTTrainer
+
+    class LlamaWithoutCheckpointing(LlamaForCausalLM):  # a model class that declares no checkpointing support
+        supports_gradient_checkpointing = False
+
+    model = LlamaWithoutCheckpointing(tiny_llama(len(tokenizer)).config)
+    args = qa_config(tmp_path, **checkpointing_arguments(True))
+    with pytest.raises(UsageError, match=r"^`activation_checkpointing` is on, but LlamaWithoutCheckpointing does not "):
+        QALossSFTTrainer(model=model, args=args, train_dataset=qa_dataset(8), processing_class=tokenizer)
+    # turned off, the same model trains
+    args = qa_config(tmp_path, **checkpointing_arguments(False))
+    QALossSFTTrainer(model=model, args=args, train_dataset=qa_dataset(8), processing_class=tokenizer).train()

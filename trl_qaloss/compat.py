@@ -83,24 +83,38 @@ def checkpointing_arguments(enabled: bool, kwargs: dict | None = None) -> dict:
 
 def is_checkpointing(model) -> bool:
     """Whether `model` (a PEFT model, or one wrapped by accelerate) recomputes its activations in the backward pass."""
-    while hasattr(model, "module") and not hasattr(model, "config"):
-        model = model.module  # DDP and similar wrappers
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
+    model = base_model(model)
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
         if hasattr(type(model), name):
             return bool(getattr(model, name))
     return False
 
 
+def base_model(model):
+    """The model under a PEFT model and accelerate's wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "config"):
+        model = model.module  # DDP and similar wrappers
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class SettingsCheck(TrainerCallback):
-    """Stops training before the first step when a memory setting asked for did not take effect on the model: activation
-    checkpointing, which transformers turns on just before this check runs."""
+    """Stops at start-up when a memory setting asked for cannot or did not take effect on the model: activation
+    checkpointing. Made with the trainer, it refuses a model that does not support checkpointing; at the start of
+    training, just after transformers turned checkpointing on, it checks that the model checkpoints."""
+
+    def __init__(self, args=None, model=None):
+        if getattr(args, "activation_checkpointing", None) and model is not None:
+            base = base_model(model)
+            if not getattr(base, "supports_gradient_checkpointing", True):
+                raise UsageError(
+                    f"`activation_checkpointing` is on, but {type(base).__name__} does not support activation "
+                    f"checkpointing ({installed_versions()}). Set `activation_checkpointing: false`."
+                )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if getattr(args, "activation_checkpointing", None) and model is not None and not is_checkpointing(model):
             raise UsageError(
-                f"`activation_checkpointing` is on, but {type(model).__name__} does not checkpoint its activations "
-                f"with {installed_versions()}: training would use far more memory than the recipe states. Install a "
-                "supported release (see the README), or set `activation_checkpointing: false`."
+                f"`activation_checkpointing` is on, but {type(base_model(model)).__name__} does not checkpoint its "
+                f"activations with {installed_versions()}: training would use far more memory than the recipe "
+                "states. Install a supported release (see the README), or set `activation_checkpointing: false`."
             )

@@ -137,6 +137,7 @@ class QALossSFTTrainer(SFTTrainer):
         if reads_items:
             self._check_datasets(args, train_dataset, eval_dataset, kwargs.get("formatting_func") is not None)
             self._add_separator_tokens(model, tokenizer, args, peft_config)
+        settings_check = SettingsCheck(args, model)  # before TRL prepares the model: it may turn checkpointing on
 
         super().__init__(
             model,
@@ -169,7 +170,7 @@ class QALossSFTTrainer(SFTTrainer):
         # FSDP and DeepSpeed gather parameters in the wrapped model's forward: there, "aligned" scores through it.
         self._argmax_from_hidden_states = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         self._set_count_in_batch = None
-        self.add_callback(SettingsCheck())
+        self.add_callback(settings_check)
         if args.eval_generate_samples > 0 and self.eval_dataset is None and args.eval_strategy == "no":
             # A recipe that turns evaluation off (`--eval_strategy no`) also turns off its generation metrics.
             logger.warning(
