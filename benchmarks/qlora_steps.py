@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))  # trl_qaloss and the benchmarks, without installi
 from benchmarks.random_4bit import load_random_4bit  # noqa: E402
 from trl_qaloss import QALossConfig, QALossSFTTrainer  # noqa: E402
 from trl_qaloss.cli import load_datasets, model_init_kwargs, parse_args  # noqa: E402
+from trl_qaloss.compat import installed_versions, is_checkpointing  # noqa: E402
 
 DEMO_TOKENIZER = ROOT / "trl_qaloss" / "demo" / "model"
 DEMO_ROWS = ROOT / "trl_qaloss" / "demo" / "data" / "train.jsonl"
@@ -217,6 +218,7 @@ def measure_run(model, name: str, overrides: dict, run_args, train_dataset, toke
         )
         trainer.train()
         run.update(meter.summary(warmup))
+        run["checkpointing"] = is_checkpointing(trainer.model)  # the recipe's setting, read back from the model
         run["logged"] = last_logged(trainer.state.log_history, "loss", "ce_loss", "set_loss")
     except Exception as error:  # one failed run must not lose the others' figures
         run["error"] = f"{type(error).__name__}: {error}"
@@ -253,21 +255,23 @@ def markdown(report: dict) -> str:
         f"random 4-bit weights drawn in {meta['draw_s']:.0f} s, loaded ({meta['loaded_from']}) in "
         f"{meta['load_s']:.0f} s; "
         f"weights on the device after loading: {fmt(meta.get('loaded_allocated_gib'), '.2f', ' GiB')}.",
+        f"Releases: {meta.get('versions', 'not recorded')}.",
         "",
         "| run | peak allocated | peak reserved | step time | tokens/s | time ratio | tokens/s ratio | memory ratio "
-        "| loss (last) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| checkpointing | loss (last) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for run in report["runs"]:
         if "error" in run:
-            lines.append(f"| {run['name']} | failed: {run['error'][:120]} | | | | | | | |")
+            lines.append(f"| {run['name']} | failed: {run['error'][:120]} | | | | | | | | |")
             continue
         losses = ", ".join(f"{k} {v:.3f}" for k, v in run["logged"].items() if v is not None)
         lines.append(
             f"| {run['name']} | {fmt(run.get('peak_allocated_gib'), '.2f', ' GiB')} "
             f"| {fmt(run.get('peak_reserved_gib'), '.2f', ' GiB')} | {fmt(run['step_s'], '.3f', ' s')} "
             f"| {fmt(run['tokens_per_s'], '.0f')} | {fmt(run.get('time_ratio'), '.3f')} "
-            f"| {fmt(run.get('tokens_per_s_ratio'), '.3f')} | {fmt(run.get('memory_ratio'), '.3f')} | {losses} |"
+            f"| {fmt(run.get('tokens_per_s_ratio'), '.3f')} | {fmt(run.get('memory_ratio'), '.3f')} "
+            f"| {'on' if run.get('checkpointing') else 'OFF'} | {losses} |"
         )
     skipped = report.get("skipped_runs")
     if skipped:
@@ -380,6 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
             model=model_name,
             recipe=Path(args.recipe).name,
             device=device_name(device),
+            versions=installed_versions(),
             started=f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
             draw_s=draw_s,
             load_s=load_s,

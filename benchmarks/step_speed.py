@@ -34,6 +34,8 @@ from benchmark_utils import (
     tiny_llama,
 )
 
+from trl_qaloss.compat import checkpointing_arguments
+
 # Llama-3.1-8B's config.json (the architecture only: the weights are random, no hub access is needed).
 LLAMA_8B = dict(
     vocab_size=128256,
@@ -159,7 +161,7 @@ def quantized_step_benchmarks(args, device: torch.device, model_config: dict, ba
         logging_steps=1000,
         max_steps=1,
         use_cpu=device.type == "cpu",
-        activation_checkpointing=True,
+        **checkpointing_arguments(True),
     )
     peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     name = f"Llama {model_config['hidden_size']}x{model_config['num_hidden_layers']}, 4-bit nf4 + LoRA r=16"

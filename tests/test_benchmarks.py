@@ -78,10 +78,15 @@ def test_qlora_steps_runs_the_recipe_path_at_tiny_sizes_on_cpu(tmp_path):
         # Every row is truncated to max_length: a step reads the recipe's batch of full rows.
         assert run["tokens_per_step"] == report["meta"]["per_device_train_batch_size"] * report["meta"]["max_length"]
         assert math.isfinite(run["logged"]["loss"]) and run["time_ratio"] > 0
+        assert run["checkpointing"] is True  # the recipe's activation checkpointing, on the model measured
     # The recipe trains canonical-order targets without the set loss (its measured best), plain SFT the data order.
     assert plain["logged"]["set_loss"] is None and recipe["logged"]["set_loss"] is None
     assert "answer_order=canonical, lambda_set=0" in recipe["name"]
     assert plain["time_ratio"] == 1.0
+    assert (
+        "transformers " in report["meta"]["versions"]
+        and report["meta"]["versions"] in out.with_suffix(".md").read_text()
+    )
 
 
 def test_qlora_steps_runs_one_plain_one_recipe_and_each_other_answer_order():

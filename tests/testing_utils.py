@@ -100,6 +100,8 @@ def qa_dataset(num_rows: int = 32, seed: int = 0):
 
 def config_values(tmp_path, **overrides) -> dict:
     """Arguments shared by the QALossConfig and SFTConfig of the tests: CPU, fp32, quiet, no checkpoints."""
+    from trl_qaloss.compat import checkpointing_arguments
+
     values = dict(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
@@ -109,12 +111,12 @@ def config_values(tmp_path, **overrides) -> dict:
         report_to=[],
         use_cpu=True,
         bf16=False,
-        activation_checkpointing=False,
         save_strategy="no",
         max_length=128,
         seed=0,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        **checkpointing_arguments(False),  # SFTConfig takes the name the installed transformers knows
     )
     values.update(overrides)
     return values

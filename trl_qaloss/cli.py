@@ -31,6 +31,7 @@ import yaml
 from transformers.trainer_utils import IntervalStrategy
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
+from .compat import installed_versions
 from .config import QALossConfig
 from .demo import DEFAULT_RECIPE, resolve_demo_path
 from .errors import UsageError, did_you_mean, pop_debug_flag, report, user_errors, yaml_error_message
@@ -141,7 +142,7 @@ class QALossParser(TrlParser):
                 name = names[0].split("=")[0].replace("-", "_")
                 raise ValueError(
                     f"Unknown field `{name}` {where}.{did_you_mean(name, known)} `trl-qaloss train --help` lists "
-                    "every field."
+                    f"every field the installed releases know ({installed_versions(('transformers', 'trl', 'peft'))})."
                 )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 from trl import SFTConfig
 
+from .compat import checkpointing_values, mirror_checkpointing_names, resolve_checkpointing_names
 from .engine.options import ANSWER_ORDERS, MATCH_QUESTIONS, REDUCTIONS, check_answer_order, check_choice
 
 
@@ -54,6 +55,10 @@ class QALossConfig(SFTConfig):
     )
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Old name of `activation_checkpointing`; use that instead."}
+    )
+    # Declared here too so that it works with the transformers releases that know only the old name (see compat.py).
+    activation_checkpointing_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Keyword arguments of activation checkpointing, e.g. {'use_reentrant': true}."}
     )
 
     lambda_ce: float = field(
@@ -154,7 +159,9 @@ class QALossConfig(SFTConfig):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+        resolve_checkpointing_names(self)
         super().__post_init__()
+        mirror_checkpointing_names(self)
 
 
 def as_qaloss_config(args, model) -> QALossConfig:
@@ -168,10 +175,8 @@ def as_qaloss_config(args, model) -> QALossConfig:
     if isinstance(args, TrainingArguments):
         # Not `to_dict()`: it masks every field named `*_token`, which would replace `eos_token` or `pad_token`.
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-        # The old `gradient_checkpointing*` names mirror the `activation_checkpointing*` ones once set; copying them
-        # too would read as the deprecated spelling and warn again.
-        values.pop("gradient_checkpointing", None)
-        values.pop("gradient_checkpointing_kwargs", None)
+        # The checkpointing settings under their current names only: the old ones would warn again (see compat.py).
+        values = checkpointing_values(values)
         return QALossConfig(**{k: v for k, v in values.items() if k in QALossConfig.__dataclass_fields__})
     raise TypeError(f"`args` must be a QALossConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
 

@@ -11,6 +11,7 @@ from trl.trainer.utils import create_model_from_path
 
 from .callbacks import QASetEvalCallback
 from .checkpoints import resolve_resume_checkpoint
+from .compat import SettingsCheck
 from .config import QALossConfig, as_qaloss_config, reads_items
 from .data_checks import check_set_targets
 from .dataset_preparation import (
@@ -104,6 +105,7 @@ class QALossSFTTrainer(SFTTrainer):
         if reads_items(args):
             check_datasets_columns(args, train_dataset, eval_dataset, kwargs.get("formatting_func") is not None)
             add_separator_tokens(model, tokenizer, args, peft_config)
+        settings_check = SettingsCheck(args, model)  # before TRL prepares the model: it may turn checkpointing on
 
         super().__init__(
             model,
@@ -135,6 +137,7 @@ class QALossSFTTrainer(SFTTrainer):
         # FSDP and DeepSpeed gather the parameters in the wrapped model's forward: there, "aligned" scores through it.
         self._params_sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         self._set_count_in_batch = None
+        self.add_callback(settings_check)
         if args.eval_generate_samples > 0 and self.eval_dataset is None and args.eval_strategy == "no":
             # A recipe that turns evaluation off (`--eval_strategy no`) also turns off its generation metrics.
             logger.warning(

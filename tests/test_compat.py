@@ -1,0 +1,115 @@
+"""Every supported release reads a setting the same way: both spellings of activation checkpointing, and a setting
+that does not take effect or is unknown stops the command at start-up, naming the field and the installed releases.
+
+Runs in both CI lanes: the newest releases, and the floors `pyproject.toml` declares.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from trl import SFTConfig
+
+from tests.testing_utils import DEMO_RECIPE, config_values, tiny_llama
+from trl_qaloss import QALossConfig
+from trl_qaloss.cli import parse_args
+from trl_qaloss.compat import SettingsCheck, checkpointing_arguments, installed_versions, is_checkpointing
+from trl_qaloss.errors import UsageError
+from trl_qaloss.trainer import _as_qaloss_config
+
+KWARGS = {"use_reentrant": True}
+
+
+def no_checkpointing_values(tmp_path) -> dict:
+    values = config_values(tmp_path)
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        values.pop(name, None)
+    return values
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_current_names_work_without_a_warning(tmp_path, enabled):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = QALossConfig(
+            **no_checkpointing_values(tmp_path),
+            activation_checkpointing=enabled,
+            activation_checkpointing_kwargs=dict(KWARGS),
+        )
+    # both names read the setting, whichever the installed transformers knows
+    assert args.activation_checkpointing is enabled and args.gradient_checkpointing is enabled
+    assert args.activation_checkpointing_kwargs == KWARGS and args.gradient_checkpointing_kwargs == KWARGS
+
+
+def test_old_names_mean_the_same(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # newer releases say the old name is deprecated
+        args = QALossConfig(
+            **no_checkpointing_values(tmp_path), gradient_checkpointing=False, gradient_checkpointing_kwargs=KWARGS
+        )
+    assert args.activation_checkpointing is False and args.gradient_checkpointing is False
+    assert args.activation_checkpointing_kwargs == KWARGS
+
+
+def test_checkpointing_is_on_by_default_as_in_trl(tmp_path):
+    args = QALossConfig(**no_checkpointing_values(tmp_path))
+    assert args.activation_checkpointing is True and args.gradient_checkpointing is True
+
+
+def test_flags_set_both_spellings(tmp_path):
+    _, args, _, _ = parse_args(
+        ["--output_dir", str(tmp_path), "--activation_checkpointing", "true"]
+        + ["--activation_checkpointing_kwargs", '{"use_reentrant": true}']
+    )
+    assert args.activation_checkpointing and args.gradient_checkpointing
+    assert args.activation_checkpointing_kwargs == KWARGS == args.gradient_checkpointing_kwargs
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_an_sft_config_keeps_its_setting(tmp_path, enabled):
+    sft = SFTConfig(**no_checkpointing_values(tmp_path), **checkpointing_arguments(enabled))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = _as_qaloss_config(sft, None)
+    assert args.activation_checkpointing is enabled and args.gradient_checkpointing is enabled
+
+
+def test_a_model_that_does_not_checkpoint_stops_training(tmp_path):
+    args = QALossConfig(**no_checkpointing_values(tmp_path), activation_checkpointing=True)
+    model = tiny_llama(64)
+    with pytest.raises(UsageError) as error:
+        SettingsCheck().on_train_begin(args, None, None, model=model)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("`activation_checkpointing` is on, but LlamaForCausalLM")
+    assert installed_versions() in message and "transformers " in message
+    # once the model checkpoints, training goes on
+    model.gradient_checkpointing_enable()
+    assert is_checkpointing(model)
+    SettingsCheck().on_train_begin(args, None, None, model=model)
+
+
+def test_an_unknown_recipe_field_names_the_installed_releases(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(open(DEMO_RECIPE).read() + "activation_checkpointing_kwarg: {}\n")
+    with pytest.raises(ValueError, match=r"^Unknown field `activation_checkpointing_kwarg` in .*recipe\.yaml\. ") as e:
+        parse_args(["--config", str(recipe)])
+    assert "(transformers " in str(e.value) and ", trl " in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_model_that_cannot_checkpoint_is_refused_when_the_trainer_is_made(tmp_path, tokenizer):
+    from transformers import LlamaForCausalLM
+
+    from tests.testing_utils import qa_config, qa_dataset
+    from trl_qaloss import QALossSFTTrainer
+
+    class LlamaWithoutCheckpointing(LlamaForCausalLM):  # a model class that declares no checkpointing support
+        supports_gradient_checkpointing = False
+
+    model = LlamaWithoutCheckpointing(tiny_llama(len(tokenizer)).config)
+    args = qa_config(tmp_path, **checkpointing_arguments(True))
+    with pytest.raises(UsageError, match=r"^`activation_checkpointing` is on, but LlamaWithoutCheckpointing does not "):
+        QALossSFTTrainer(model=model, args=args, train_dataset=qa_dataset(8), processing_class=tokenizer)
+    # turned off, the same model trains
+    args = qa_config(tmp_path, **checkpointing_arguments(False))
+    QALossSFTTrainer(model=model, args=args, train_dataset=qa_dataset(8), processing_class=tokenizer).train()
