@@ -16,7 +16,7 @@ from trl_qaloss import QALossConfig
 from trl_qaloss.cli import parse_args
 from trl_qaloss.compat import SettingsCheck, checkpointing_arguments, installed_versions, is_checkpointing
 from trl_qaloss.errors import UsageError
-from trl_qaloss.trainer import _as_qaloss_config
+from trl_qaloss.config import as_qaloss_config
 
 KWARGS = {"use_reentrant": True}
 
@@ -71,7 +71,7 @@ def test_an_sft_config_keeps_its_setting(tmp_path, enabled):
     sft = SFTConfig(**no_checkpointing_values(tmp_path), **checkpointing_arguments(enabled))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        args = _as_qaloss_config(sft, None)
+        args = as_qaloss_config(sft, None)
     assert args.activation_checkpointing is enabled and args.gradient_checkpointing is enabled
 
 
