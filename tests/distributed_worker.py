@@ -64,10 +64,9 @@ class KeepGradients(TrainerCallback):
         self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def train_one_step(out_dir, world_size: int = 1, accumulation: int = 1, **overrides):
-    """`(logged loss, {name: gradient})` of one step on the first `GLOBAL_BATCH` rows (sequential order)."""
-    tokenizer = build_tokenizer()
-    args = qa_config(
+def one_step_config(out_dir, world_size: int = 1, accumulation: int = 1, **overrides):
+    """The config of one unclipped step on `GLOBAL_BATCH` rows split over `world_size` processes x `accumulation`."""
+    return qa_config(
         out_dir,
         per_device_train_batch_size=GLOBAL_BATCH // (world_size * accumulation),
         gradient_accumulation_steps=accumulation,
@@ -75,6 +74,12 @@ def train_one_step(out_dir, world_size: int = 1, accumulation: int = 1, **overri
         max_grad_norm=0.0,
         **overrides,
     )
+
+
+def train_one_step(out_dir, world_size: int = 1, accumulation: int = 1, **overrides):
+    """`(logged loss, {name: gradient})` of one step on the first `GLOBAL_BATCH` rows (sequential order)."""
+    tokenizer = build_tokenizer()
+    args = one_step_config(out_dir, world_size, accumulation, **overrides)
     keep = KeepGradients()
     trainer = QALossSFTTrainer(
         model=copying_llama(len(tokenizer)),
