@@ -22,6 +22,7 @@ from .dataset_preparation import (
 )
 from .engine.answer_order import reorder_answers
 from .engine.loss import set_loss_terms, target_counts
+from .engine.options import MODEL_ORDERS
 from .engine.parsing import seq_starts_from
 from .engine.reduction import reduce_set_loss, reduction_count
 from .engine.scoring import ModelScorer, accepts_logits_to_keep
@@ -197,12 +198,10 @@ class QALossSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.answer_order != "data" and self.model.training:
             # Both terms below then read the reordered batch: its contexts agree with the targets they predict.
-            scorer = ModelScorer(
-                model,
-                inputs,
-                self._accepts_logits_to_keep,
-                None if self._params_sharded else self.accelerator.unwrap_model(model),
-            )
+            scorer = None
+            if self.args.answer_order in MODEL_ORDERS:
+                unwrapped = None if self._params_sharded else self.accelerator.unwrap_model(model)
+                scorer = ModelScorer(model, inputs, self._accepts_logits_to_keep, unwrapped)
             input_ids, labels = reorder_answers(
                 inputs["input_ids"],
                 inputs["labels"],
