@@ -115,6 +115,7 @@ class QASetEvalCallback(TrainerCallback):
             batch_size or getattr(args, "eval_generate_batch_size", None) or args.per_device_eval_batch_size
         )
         self.match_questions = match_questions or getattr(args, "eval_match_questions", "position")
+        self.last_examples: list[tuple[str, str, str]] = []
         if self.match_questions not in MATCH_QUESTIONS:
             raise ValueError(f"`match_questions` must be one of {MATCH_QUESTIONS}, got {self.match_questions!r}.")
         self.separators = tuple(
@@ -189,6 +190,10 @@ class QASetEvalCallback(TrainerCallback):
                 order = gather_object(list(local))
                 predictions = gather_object(predictions)
             references = [references[i] for i in order]
+            # The last evaluation's texts, for a summary after training: `[(prompt, prediction, reference)]`.
+            self.last_examples = [
+                (self._text(prompts[i]), p, r) for i, p, r in zip(order, predictions, references, strict=True)
+            ]
             scores = answer_set_scores(predictions, references, *self.separators, match_questions=self.match_questions)
             logs = {f"{prefix}_{key}": value for key, value in scores.items()}
             metrics.update(logs)

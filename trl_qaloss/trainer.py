@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import inspect
 import logging
+import os
 
 import torch
 from datasets import Dataset
@@ -107,6 +108,8 @@ class QALossSFTTrainer(SFTTrainer):
         peft_config=None,
         **kwargs,
     ):
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)  # a model directory given as a `Path`
         args = _as_qaloss_config(args, model)
         if isinstance(model, str):
             # Loaded here rather than by SFTTrainer so the separators can be added to its embeddings first.
