@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 DEMO = ROOT / "recipes" / "demo-cpu.yaml"
-# Reduced demo: what the end-to-end tests run instead of the full 150 steps.
+# Reduced demo: what the end-to-end tests run instead of the full recipe; with the set loss on, so that these runs
+# (one process and two) cover its path, and the final evaluation's completions cut to 4 rows.
 SHORT = ["--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true", "--max_length", "96"]
+SHORT += ["--lambda_set", "1", "--eval_generate_samples", "4"]
 
 
 def write_recipe(tmp_path, text: str, name: str = "recipe.yaml") -> str:

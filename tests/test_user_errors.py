@@ -200,6 +200,7 @@ def test_help_lists_the_plugin_fields_first_with_config(tmp_path):
     for flag in own:
         assert flag in plugin, flag
     assert help_text.index("--lambda_set") < help_text.index("--output_dir") < help_text.index("--lora_r")
+    assert "in the training loss. (default: 1.0)" in " ".join(help_text.split())  # every field shows its default
     assert "the seed's" not in help_text and "LAMBDA1" not in help_text and "LAMBDA2" not in help_text
 
 

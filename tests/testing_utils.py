@@ -137,8 +137,10 @@ def qa_config(tmp_path, **overrides):
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_RECIPE = os.path.join(ROOT, "recipes", "demo-cpu.yaml")
-# What the end-to-end command runs add to the demo recipe: 2 steps, logged each, short rows, no progress bars.
+# What the end-to-end command runs add to the demo recipe: 2 steps, logged each, short rows, no progress bars, and
+# the evaluation that ends the run completing 4 held-out rows instead of all.
 SHORT_RUN = ["--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true", "--max_length", "96"]
+SHORT_RUN += ["--eval_generate_samples", "4"]
 
 
 def run_cli(*args: str, cwd, env: dict | None = None, timeout: int = 300):
