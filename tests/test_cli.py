@@ -104,7 +104,7 @@ def test_flags_override_the_recipe_and_unknown_keys_fail(tmp_path):
     bad_key = write_recipe(tmp_path, DEMO.read_text() + "lamda_set: 0.5\n")
     with pytest.raises(ValueError, match="Unknown field `lamda_set` in .*recipe.yaml. Did you mean `lambda_set`"):
         parse_args(["--config", bad_key])
-    bad_type = write_recipe(tmp_path, DEMO.read_text().replace("max_steps: 150", "max_steps: many"), "t.yaml")
+    bad_type = write_recipe(tmp_path, DEMO.read_text().replace("max_steps: 720", "max_steps: many"), "t.yaml")
     with pytest.raises(UsageError, match="argument --max_steps/--max-steps: invalid int value: 'many'"):
         parse_args(["--config", bad_type])
     with pytest.raises(ValueError, match="Unknown field `no_such_flag` on the command line"):

@@ -168,5 +168,5 @@ def test_trl_formats_pass_through_and_unknown_columns_fail():
 
     rows = Dataset.from_list([{"prompt": "p", "completion": " <QA> q? <A> a"}])
     assert format_qas_dataset(rows) is rows
-    with pytest.raises(ValueError, match=r"columns \['question'\]"):
+    with pytest.raises(ValueError, match=r'columns \["question"\]'):
         format_qas_dataset(Dataset.from_list([{"question": "q"}]))

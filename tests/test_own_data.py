@@ -136,6 +136,8 @@ def test_report_to_tensorboard_writes_the_set_metrics(tmp_path):
         "--output_dir",
         "out",
         *SHORT_RUN,
+        "--lambda_set",  # the set loss on, so that its metrics are logged too
+        "1",
         "--report_to",
         "tensorboard",
         "--eval_steps",
