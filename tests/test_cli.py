@@ -16,13 +16,16 @@ import yaml
 from tests.testing_utils import nf4_quantization
 from trl_qaloss.cli import main, make_parser, model_init_kwargs, parse_args
 from trl_qaloss.demo import DEFAULT_RECIPE, MODEL_DIR
+from trl_qaloss.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 DEMO = ROOT / "recipes" / "demo-cpu.yaml"
-# Reduced demo: what the end-to-end tests run instead of the full 150 steps.
+# Reduced demo: what the end-to-end tests run instead of the full recipe; with the set loss on, so that these runs
+# (one process and two) cover its path, and the final evaluation's completions cut to 4 rows.
 SHORT = ["--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true", "--max_length", "96"]
+SHORT += ["--lambda_set", "1", "--eval_generate_samples", "4"]
 
 
 def write_recipe(tmp_path, text: str, name: str = "recipe.yaml") -> str:
@@ -45,7 +48,8 @@ def test_every_recipe_parses(recipe):
     flags = ["--use_cpu", "true"] if config.get("bf16") else []
     script_args, training_args, model_args, _ = parse_args(["--config", str(recipe), *flags])
     assert model_args.model_name_or_path and script_args.dataset_name
-    assert model_args.load_in_4bit and model_args.bnb_4bit_quant_type == "nf4" and model_args.use_bnb_nested_quant
+    if "qlora" in recipe.name or recipe.name == "demo-cpu.yaml":
+        assert model_args.load_in_4bit and model_args.bnb_4bit_quant_type == "nf4" and model_args.use_bnb_nested_quant
     assert model_args.use_peft and model_args.lora_target_modules == "all-linear"
     assert training_args.trust_remote_code is False
     # every key of the recipe reached a parsed field with the recipe's value
@@ -62,7 +66,7 @@ def test_every_recipe_parses(recipe):
 
 def test_real_model_recipes_use_the_qlora_settings():
     for recipe in RECIPES:
-        if recipe.name == "demo-cpu.yaml":
+        if "qlora" not in recipe.name:
             continue
         text = recipe.read_text()
         _, training_args, model_args, _ = parse_args(["--config", str(recipe), "--use_cpu", "true"])
@@ -100,8 +104,8 @@ def test_flags_override_the_recipe_and_unknown_keys_fail(tmp_path):
     bad_key = write_recipe(tmp_path, DEMO.read_text() + "lamda_set: 0.5\n")
     with pytest.raises(ValueError, match="Unknown field `lamda_set` in .*recipe.yaml. Did you mean `lambda_set`"):
         parse_args(["--config", bad_key])
-    bad_type = write_recipe(tmp_path, DEMO.read_text().replace("max_steps: 150", "max_steps: many"), "t.yaml")
-    with pytest.raises(SystemExit):  # argparse: "argument --max_steps: invalid int value: 'many'"
+    bad_type = write_recipe(tmp_path, DEMO.read_text().replace("max_steps: 720", "max_steps: many"), "t.yaml")
+    with pytest.raises(UsageError, match="argument --max_steps/--max-steps: invalid int value: 'many'"):
         parse_args(["--config", bad_type])
     with pytest.raises(ValueError, match="Unknown field `no_such_flag` on the command line"):
         parse_args(["--config", str(DEMO), "--no_such_flag", "1"])
@@ -123,11 +127,13 @@ def test_trust_remote_code_is_off_unless_the_recipe_sets_it(tmp_path):
 
 def test_usage_and_unknown_command(capsys):
     with pytest.raises(SystemExit) as exit_:
-        main([])
-    assert exit_.value.code == 2 and "trl-qaloss <command>" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_:
-        main(["fit"])
-    assert exit_.value.code == 2 and "unknown command 'fit'" in capsys.readouterr().err
+        main(["--help"])
+    assert exit_.value.code == 0 and "trl-qaloss <command>" in capsys.readouterr().out
+    for argv, message in (([], "No command given."), (["trian"], "Unknown command 'trian'. Did you mean `train`?")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and err.startswith(f"trl-qaloss: error: {message}") and err.count("\n") == 1
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +286,53 @@ def test_resume_true_in_a_recipe_resumes_from_the_last_complete_checkpoint(tmp_p
     trainer = train(*parse_args([*common, "--resume_from_checkpoint", "true", "--max_steps", "3"]))
     steps = [log["step"] for log in trainer.state.log_history if "set_loss" in log]
     assert trainer.state.global_step == 3 and steps == [1, 2, 3]  # step 1 from checkpoint-1, then 2 and 3 again
+
+
+def imported_modules(code: str) -> set[str]:
+    """The modules a fresh interpreter has imported after running `code` on this checkout."""
+    script = f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return set(result.stdout.split())
+
+
+HEAVY = {"torch", "transformers.modeling_utils", "transformers.training_args", "peft", "trl_qaloss.trainer"}
+
+
+def test_the_command_line_module_imports_nothing_heavy():
+    """`trl_qaloss.cli` imports torch, transformers' models, peft and the trainer only in the command that runs, so
+    `trl-qaloss --help` answers at once. It is loaded here without the package's `__init__`, which imports the
+    trainer for `from trl_qaloss import QALossSFTTrainer`."""
+    package = ROOT / "trl_qaloss"
+    modules = imported_modules(
+        f"import types\npackage = types.ModuleType('trl_qaloss')\npackage.__path__ = [{str(package)!r}]\n"
+        "sys.modules['trl_qaloss'] = package\nimport trl_qaloss.cli"
+    )
+    assert "trl_qaloss.cli" in modules and not HEAVY & modules, HEAVY & modules
+
+
+def test_help_imports_no_torch():
+    """`python -m trl_qaloss --help`, as `trl-qaloss --help` runs it, imports no torch (and so answers fast)."""
+    if "torch" in imported_modules("import trl_qaloss"):
+        pytest.skip("trl_qaloss/__init__.py imports the trainer, and so torch, eagerly")
+    modules = imported_modules(
+        "sys.argv = ['trl-qaloss', '--help']\nimport runpy\ntry:\n"
+        "    runpy.run_module('trl_qaloss', run_name='__main__')\nexcept SystemExit:\n    pass"
+    )
+    assert not HEAVY & modules, HEAVY & modules
+
+
+def test_config_works_on_a_cpu_only_machine_and_the_model_may_be_a_path(tmp_path):
+    """`QALossConfig(output_dir=...)` with TRL's default bf16, and `model` given as a `Path` (the README's example)."""
+    from trl_qaloss import QALossConfig, QALossSFTTrainer
+
+    args = QALossConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], save_strategy="no")
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert args.bf16 is gpu_bf16 and args.answer_order == "canonical" and args.lambda_set == 0
+    assert QALossConfig(output_dir=str(tmp_path), bf16=False).bf16 is False
+    rows = [json.loads(line) for line in (ROOT / "trl_qaloss/demo/data/train.jsonl").read_text().splitlines()[:8]]
+    from datasets import Dataset
+
+    trainer = QALossSFTTrainer(model=MODEL_DIR, args=args, train_dataset=Dataset.from_list(rows))
+    assert trainer.model.config._name_or_path == str(MODEL_DIR)

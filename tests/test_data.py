@@ -147,7 +147,8 @@ def test_local_jsonl_is_converted_and_bad_rows_are_named(tmp_path):
     good = {"context": "c", "qas": [{"question": "q", "answers": ["a", "b"]}]}
     path = tmp_path / "qa.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps({"context": "d", "qas": None}) + "\n")
-    with pytest.raises(ValueError, match=r"Row 1 of .*qa.jsonl \[train\]: field `qas` is missing"):
+    # the file's own 1-based line number
+    with pytest.raises(ValueError, match=r"qa.jsonl, line 2: field `qas` is missing"):
         load_qa_dataset(str(path))
     path.write_text(json.dumps(good) + "\n")
     dataset = load_qa_dataset(str(path))
@@ -167,5 +168,5 @@ def test_trl_formats_pass_through_and_unknown_columns_fail():
 
     rows = Dataset.from_list([{"prompt": "p", "completion": " <QA> q? <A> a"}])
     assert format_qas_dataset(rows) is rows
-    with pytest.raises(ValueError, match=r"columns \['question'\]"):
+    with pytest.raises(ValueError, match=r'columns \["question"\]'):
         format_qas_dataset(Dataset.from_list([{"question": "q"}]))

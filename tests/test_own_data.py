@@ -136,6 +136,8 @@ def test_report_to_tensorboard_writes_the_set_metrics(tmp_path):
         "--output_dir",
         "out",
         *SHORT_RUN,
+        "--lambda_set",  # the set loss on, so that its metrics are logged too
+        "1",
         "--report_to",
         "tensorboard",
         "--eval_steps",
@@ -153,3 +155,22 @@ def test_report_to_tensorboard_writes_the_set_metrics(tmp_path):
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
     assert {"train/set_loss", "eval/set_f1"} <= tags, sorted(tags)
+
+
+def test_own_data_gets_its_own_output_dir_and_a_word_about_the_demo_model(tmp_path, caplog):
+    """`--dataset_name my.jsonl` on the demo recipe does not overwrite the demo's adapter, and says that the demo's
+    model is not the one to train on other data."""
+    from trl_qaloss.cli import parse_args
+
+    data = str(tmp_path / own_jsonl(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="trl_qaloss"):
+        _, training_args, _, _ = parse_args(["--config", DEMO_RECIPE, "--dataset_name", data])
+    assert training_args.output_dir == "outputs/demo-cpu-my"
+    assert "knows only the demo's fictional world" in caplog.text
+    assert "recipes/qwen2.5-0.5b-instruct-lora.yaml" in caplog.text
+    _, training_args, _, _ = parse_args(["--config", DEMO_RECIPE, "--dataset_name", data, "--output_dir", "mine"])
+    assert training_args.output_dir == "mine"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trl_qaloss"):
+        _, training_args, _, _ = parse_args([])  # the demo itself
+    assert training_args.output_dir == "outputs/demo-cpu" and not caplog.text

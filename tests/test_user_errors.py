@@ -67,7 +67,24 @@ CASES = {
             "--dataset_name",
             write(d / "row.jsonl", '{"context": "c", "qas": [{"question": "who?", "answers": "ann"}]}\n'),
         ],
-        r"Row 0 of row\.jsonl \[train\]: field `qas\[0\]\.answers` must be a list of strings",
+        # the file's own line number, and the fix written in the file's syntax (JSON)
+        r'row\.jsonl, line 1: field `qas\[0\]\.answers` must be a list of strings \(write \["ann"\] for one answer\)',
+    ),
+    "bad row on line 3": (
+        lambda d: ["--dataset_name", write(d / "row3.jsonl", "\n".join([*DEMO_ROWS[:2], '{"context": "c"}']) + "\n")],
+        r"row3\.jsonl, line 3: field `qas` is missing",
+    ),
+    "blank line": (
+        lambda d: ["--dataset_name", write(d / "blank.jsonl", f"{DEMO_ROWS[0]}\n\n{DEMO_ROWS[1]}\n")],
+        r"blank\.jsonl, line 2: a blank line",
+    ),
+    "value of the wrong type": (
+        lambda d: ["--lambda_set", "abc"],
+        r"argument --lambda_set/--lambda-set: invalid float value: 'abc'\. `trl-qaloss train --help` lists every field",
+    ),
+    "choice that does not exist": (
+        lambda d: ["--answer_order", "bogus"],
+        r"argument --answer_order/--answer-order: invalid choice: 'bogus'",
     ),
     "chat rows without a chat template": (
         lambda d: ["--dataset_name", conversational_rows(d / "chat.jsonl"), "--eval_strategy", "no"],
@@ -111,10 +128,45 @@ def test_debug_shows_the_traceback(tmp_path):
         assert "Traceback" in result.stderr and "UsageError: Unknown field `lamda_set`" in result.stderr
 
 
-def test_argument_types_are_argparse_errors_without_traceback(tmp_path):
-    result = run_cli("train", "--max_steps", "many", cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "argument --max_steps/--max-steps: invalid int value: 'many'" in result.stderr
+# Mistakes on the command lines of every command, each one line and exit code 1: (arguments, the message expected)
+COMMAND_LINE_CASES = {
+    "no command": ([], r"No command given\. The commands are train, generate and evaluate"),
+    "unknown command": (["trian"], r"Unknown command 'trian'\. Did you mean `train`\?"),
+    "generate without prompts": (
+        ["generate", "--adapter", "out"],
+        r"one of the arguments --prompts --prompt is required\. `trl-qaloss generate --help` lists the options",
+    ),
+    "generate, bad number": (
+        ["generate", "--adapter", "out", "--prompt", "x", "--max_new_tokens", "many"],
+        r"argument --max_new_tokens: invalid int value: 'many'",
+    ),
+    "evaluate without a dataset": (
+        ["evaluate", "--adapter", "out"],
+        r"the following arguments are required: --dataset_name\. `trl-qaloss evaluate --help`",
+    ),
+    "evaluate, zero rows": (
+        ["evaluate", "--adapter", "out", "--dataset_name", "d", "--eval_generate_samples", "0"],
+        r"--eval_generate_samples must be at least 1, got 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(COMMAND_LINE_CASES))
+def test_command_line_mistakes_are_one_line_with_exit_code_1(tmp_path, case):
+    argv, message = COMMAND_LINE_CASES[case]
+    result = run_cli(*argv, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "usage:" not in result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and re.search(message, lines[0]), result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_help_of_generate_and_evaluate_shows_the_defaults(tmp_path, command):
+    result = run_cli(command, "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    help_text = " ".join(result.stdout.split())
+    assert "most tokens generated per prompt (default: 256)" in help_text
+    assert "prompts per generate call (default: 8)" in help_text
 
 
 def test_programming_errors_keep_their_type():
@@ -148,6 +200,7 @@ def test_help_lists_the_plugin_fields_first_with_config(tmp_path):
     for flag in own:
         assert flag in plugin, flag
     assert help_text.index("--lambda_set") < help_text.index("--output_dir") < help_text.index("--lora_r")
+    assert "in the training loss. (default: 1.0)" in " ".join(help_text.split())  # every field shows its default
     assert "the seed's" not in help_text and "LAMBDA1" not in help_text and "LAMBDA2" not in help_text
 
 

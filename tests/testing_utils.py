@@ -51,7 +51,15 @@ CHAT_TEMPLATE = (
 
 def random_llama(vocab_size: int, seed: int = 0, **sizes):
     """A Llama with random weights drawn after `torch.manual_seed(seed)`; `sizes` override the tiny default sizes."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
+
+    return random_model(LlamaConfig, vocab_size, seed, **sizes)
+
+
+def random_model(config_class, vocab_size: int, seed: int = 0, **sizes):
+    """A causal LM of `config_class`'s architecture (Llama, Qwen2, ...) with the tiny default sizes of `random_llama`
+    and random weights drawn after `torch.manual_seed(seed)`; `sizes` override any config value."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = dict(
@@ -67,7 +75,7 @@ def random_llama(vocab_size: int, seed: int = 0, **sizes):
         eos_token_id=2,
         bos_token_id=None,
     )
-    return AutoModelForCausalLM.from_config(LlamaConfig(**{**config, **sizes}))
+    return AutoModelForCausalLM.from_config(config_class(**{**config, **sizes}))
 
 
 def tiny_llama(vocab_size: int, seed: int = 0):
@@ -137,8 +145,10 @@ def first_batch(trainer) -> dict:
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_RECIPE = os.path.join(ROOT, "recipes", "demo-cpu.yaml")
-# What the end-to-end command runs add to the demo recipe: 2 steps, logged each, short rows, no progress bars.
+# What the end-to-end command runs add to the demo recipe: 2 steps, logged each, short rows, no progress bars, and
+# the evaluation that ends the run completing 4 held-out rows instead of all.
 SHORT_RUN = ["--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true", "--max_length", "96"]
+SHORT_RUN += ["--eval_generate_samples", "4"]
 
 
 def run_cli(*args: str, cwd, env: dict | None = None, timeout: int = 300):

@@ -74,6 +74,7 @@ class QASetEvalCallback(TrainerCallback):
             batch_size or getattr(args, "eval_generate_batch_size", None) or args.per_device_eval_batch_size
         )
         self.match_questions = match_questions or getattr(args, "eval_match_questions", "position")
+        self.last_examples: list[tuple[str, str, str]] = []
         check_choice("match_questions", self.match_questions, MATCH_QUESTIONS)
         self.separators = tuple(
             getattr(args, name, default)
@@ -147,6 +148,10 @@ class QASetEvalCallback(TrainerCallback):
                 order = gather_object(list(local))
                 predictions = gather_object(predictions)
             references = [references[i] for i in order]
+            # The last evaluation's texts, for a summary after training: `[(prompt, prediction, reference)]`.
+            self.last_examples = [
+                (self._text(prompts[i]), p, r) for i, p, r in zip(order, predictions, references, strict=True)
+            ]
             scores = answer_set_scores(predictions, references, *self.separators, match_questions=self.match_questions)
             logs = {f"{prefix}_{key}": value for key, value in scores.items()}
             metrics.update(logs)

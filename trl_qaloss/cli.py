@@ -22,19 +22,23 @@ import argparse
 import dataclasses
 import logging
 import os
+import shlex
 import sys
 import typing
 import warnings
 from dataclasses import dataclass, field
 
 import yaml
-from transformers.trainer_utils import IntervalStrategy
+
+# TRL's argument classes and parser import neither torch nor transformers' models: `trl-qaloss --help` stays fast.
+# Everything heavy (the config, which imports torch, the trainer, the models) is imported by the command that runs.
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-from .compat import installed_versions
-from .config import QALossConfig
-from .demo import DEFAULT_RECIPE, resolve_demo_path
+from .demo import DEFAULT_RECIPE, DEMO_DIR, MODEL_DIR, resolve_demo_path
 from .errors import UsageError, did_you_mean, pop_debug_flag, report, user_errors, yaml_error_message
+
+if typing.TYPE_CHECKING:
+    from .config import QALossConfig
 
 logger = logging.getLogger("trl_qaloss")
 # Share of the rows held out for evaluation when the dataset has no eval split and `test_split_size` is not set.
@@ -112,7 +116,7 @@ class QALossParser(TrlParser):
                 help="Show the full traceback of an error (also TRL_QALOSS_DEBUG=1). `--debug VALUE` is "
                 "TrainingArguments' own `debug` field.",
             )
-        plugin = own_fields(dtype) if dtype in (QALossScriptArguments, QALossConfig) else set()
+        plugin = own_fields(dtype) if dtype.__name__ in ("QALossScriptArguments", "QALossConfig") else set()
         group = self.add_argument_group(GROUP_TITLES.get(dtype.__name__, dtype.__name__))
         type_hints = typing.get_type_hints(dtype)
         for item in dataclasses.fields(dtype):
@@ -130,6 +134,10 @@ class QALossParser(TrlParser):
         self.check_unknown([], self.parse_known_args(args)[1], self.recipe)
         return super().parse_args_into_dataclasses(args, return_remaining_strings, **kwargs)
 
+    def error(self, message: str):
+        """argparse's errors (a value of the wrong type, a choice that does not exist) as one line, exit code 1."""
+        raise UsageError(f"{message}. `trl-qaloss train --help` lists every field.")
+
     def known_fields(self) -> list[str]:
         return [action.dest for action in self._actions if action.dest not in ("help", "show_traceback")]
 
@@ -140,6 +148,8 @@ class QALossParser(TrlParser):
             names = [s.lstrip("-") for s in strings if s.startswith("--")] or list(strings)
             if names:
                 name = names[0].split("=")[0].replace("-", "_")
+                from .compat import installed_versions
+
                 raise ValueError(
                     f"Unknown field `{name}` {where}.{did_you_mean(name, known)} `trl-qaloss train --help` lists "
                     f"every field the installed releases know ({installed_versions(('transformers', 'trl', 'peft'))})."
@@ -147,6 +157,8 @@ class QALossParser(TrlParser):
 
 
 def make_parser(prog: str = "trl-qaloss train") -> TrlParser:
+    from .config import QALossConfig
+
     return QALossParser(
         (QALossScriptArguments, QALossConfig, ModelConfig, DatasetMixtureConfig),
         prog=prog,
@@ -186,7 +198,40 @@ def parse_args(argv: list[str] | None = None):
     script_args, training_args, model_args, dataset_args = parsed
     model_args.model_name_or_path = resolve_demo_path(model_args.model_name_or_path)
     script_args.dataset_name = resolve_demo_path(script_args.dataset_name)
+    flags = {arg.split("=")[0].lstrip("-").replace("-", "_") for arg in argv if arg.startswith("--")}
+    if "dataset_name" in flags and "output_dir" not in flags:
+        own_output_dir(parser.recipe, script_args, training_args)
+    if model_args.model_name_or_path == str(MODEL_DIR) and not is_demo_dataset(script_args, dataset_args):
+        logger.warning(
+            "The model is the demo's tiny Llama, which knows only the demo's fictional world: trained on other data it "
+            "writes nonsense. It is there to try the pipeline; for your data use "
+            "recipes/qwen2.5-0.5b-instruct-lora.yaml (one CPU or a small GPU) or a 7B/72B recipe (GPUs)."
+        )
     return script_args, training_args, model_args, dataset_args
+
+
+def own_output_dir(recipe: str | None, script_args, training_args) -> None:
+    """When `--dataset_name` replaces the recipe's dataset and no `--output_dir` is given, save to
+    `<the recipe's output_dir>-<dataset name>` rather than over the model trained on the recipe's data; logged."""
+    with open(recipe or DEFAULT_RECIPE) as file:
+        recipe_dataset = resolve_demo_path((yaml.safe_load(file) or {}).get("dataset_name"))
+    if script_args.dataset_name == recipe_dataset:
+        return
+    name = os.path.basename(os.path.normpath(script_args.dataset_name))
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in os.path.splitext(name)[0]) or "data"
+    training_args.output_dir = f"{os.path.normpath(training_args.output_dir)}-{name}"
+    logger.warning(
+        "Training on %s instead of the recipe's dataset: saving to %s (`--output_dir` sets another directory).",
+        script_args.dataset_name,
+        training_args.output_dir,
+    )
+
+
+def is_demo_dataset(script_args, dataset_args) -> bool:
+    """Whether the data is the demo's own (a path inside the installed demo)."""
+    names = [script_args.dataset_name] if script_args.dataset_name else []
+    names += [d.path for d in dataset_args.datasets or []]
+    return bool(names) and all(os.path.abspath(n).startswith(str(DEMO_DIR)) for n in names if n)
 
 
 def model_init_kwargs(training_args: QALossConfig, model_args: ModelConfig) -> dict:
@@ -247,6 +292,7 @@ def split_off_eval(dataset, train_split: str, test_split: str, size: float | int
     `DEFAULT_TEST_SPLIT_SIZE`), drawn with the run's `seed` and logged; when no split can be made (a streamed or
     one-row dataset), `dataset` as it is, with evaluation turned off and one warning saying why."""
     from datasets import Dataset
+    from transformers.trainer_utils import IntervalStrategy
 
     train = dataset[train_split]
     if not isinstance(train, Dataset) or len(train) < 2:
@@ -388,13 +434,15 @@ def train(script_args, training_args, model_args, dataset_args):
         trainer = build_trainer(script_args, training_args, model_args, dataset_args)
     trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
     trainer.accelerator.print("Training completed.")
+    if trainer.eval_dataset is not None and training_args.eval_strategy != "no" and not evaluated_last(trainer):
+        trainer.evaluate()  # the run ends evaluated, whatever `max_steps` and `eval_steps` are
 
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the logged losses and metrics, next to the saved weights
     if trainer.accelerator.is_main_process:
         write_base_model_info(training_args.output_dir, model_args, training_args)
-    what = "LoRA adapter" if model_args.use_peft else "Model"
-    trainer.accelerator.print(f"{what} saved to {os.path.abspath(training_args.output_dir)}")
+    if trainer.accelerator.is_main_process:
+        print(run_summary(trainer, script_args, training_args, model_args))
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"Pushed to the Hub: https://huggingface.co/{trainer.hub_model_id}")
@@ -402,6 +450,77 @@ def train(script_args, training_args, model_args, dataset_args):
     # still lives left one of 2 CPU (gloo) processes hanging on exit in about 1 run in 4; the interpreter tears it
     # down cleanly at exit instead.
     return trainer
+
+
+def evaluated_last(trainer) -> bool:
+    """Whether the trainer evaluated at its last step."""
+    step = trainer.state.global_step
+    return any("eval_loss" in log and log.get("step") == step for log in trainer.state.log_history)
+
+
+# The held-out metrics shown after training, with what each means.
+SUMMARY_METRICS = {
+    "exact_set_match": "share of questions answered with exactly the reference set",
+    "set_f1": "F1 of the answers, per question",
+    "set_precision": "generated answers that are right",
+    "set_recall": "reference answers generated",
+    "duplicate_rate": "generated answers repeated within a question",
+    "cardinality_error": "mean |generated - reference| answers per question",
+}
+SUMMARY_EXAMPLES = 3
+
+
+def run_summary(trainer, script_args, training_args, model_args) -> str:
+    """What `train` prints at the end: the last answer-set evaluation (a table and a few held-out examples, generated
+    and reference answer sets side by side), where the model is, and the `generate` and `evaluate` commands to run
+    next with the evaluation's own settings."""
+    from .callbacks import QASetEvalCallback
+    from .demo import portable_demo_path
+
+    output_dir = training_args.output_dir
+    what = "LoRA adapter" if model_args.use_peft else "Model"
+    option = f"--adapter {output_dir}" if model_args.use_peft else f"--model_name_or_path {output_dir}"
+    callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, QASetEvalCallback)), None)
+    examples = callback.last_examples if callback is not None else []
+    metrics = next((log for log in reversed(trainer.state.log_history) if "eval_exact_set_match" in log), None)
+    lines = []
+    if examples and metrics is not None:
+        pairing = f"questions paired by {callback.match_questions}"
+        lines.append(f"Answer sets of {len(examples)} held-out rows (greedy completions, {pairing}):")
+        for name, meaning in SUMMARY_METRICS.items():
+            lines.append(f"  {name:<18} {metrics['eval_' + name]:6.3f}  {meaning}")
+        for prompt, prediction, reference in examples[:SUMMARY_EXAMPLES]:
+            lines += ["", *side_by_side(prompt.strip(), prediction, reference, callback.separators)]
+        lines.append("")
+    lines.append(f"{what} saved to {os.path.abspath(output_dir)}")
+    prompt = examples[0][0].strip() if examples else "Tell me about valdor: its rivers."
+    max_new_tokens = f" --max_new_tokens {callback.max_new_tokens}" if callback is not None else ""
+    lines += ["Next:", f"  trl-qaloss generate {option} --prompt {shlex.quote(prompt)}{max_new_tokens}"]
+    dataset = portable_demo_path(script_args.dataset_name)
+    if examples and dataset:
+        lines.append(
+            f"  trl-qaloss evaluate {option} --dataset_name {shlex.quote(dataset)} --dataset_split "
+            f"{script_args.dataset_test_split} --eval_generate_samples {len(examples)}{max_new_tokens} --batch_size "
+            f"{callback.batch_size}"
+        )
+    return "\n".join(lines)
+
+
+def side_by_side(prompt: str, prediction: str, reference: str, separators: tuple[str, str, str]) -> list[str]:
+    """Lines showing one example: the prompt, then per question (by position) its generated and reference answers."""
+    from .parsing import parse_qa_text
+
+    predicted, expected = parse_qa_text(prediction, *separators), parse_qa_text(reference, *separators)
+    rows = [("question", "generated", "reference")]
+    for k in range(max(len(predicted), len(expected))):
+        got = predicted[k] if k < len(predicted) else None
+        want = expected[k] if k < len(expected) else None
+        question = (want or got).question
+        if got is not None and want is not None and got.question != want.question:
+            question += f" (generated: {got.question})"
+        rows.append((question, ", ".join(got.answers) if got else "-", ", ".join(want.answers) if want else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    return [f"  {prompt}", *(f"    {a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows)]
 
 
 COMMANDS = ("train", "generate", "evaluate")
@@ -415,13 +534,12 @@ def run_train(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
-        sys.exit(0 if argv else 2)
-    if argv[0] not in COMMANDS:
-        hint = did_you_mean(argv[0], COMMANDS)
-        print(f"trl-qaloss: unknown command {argv[0]!r}.{hint}\n\n{USAGE}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(0)
+    if not argv or argv[0] not in COMMANDS:
+        what = f"Unknown command {argv[0]!r}.{did_you_mean(argv[0], COMMANDS)}" if argv else "No command given."
+        report(UsageError(f"{what} The commands are train, generate and evaluate; `trl-qaloss --help` says more."))
     command, (args, debug) = argv[0], pop_debug_flag(argv[1:])
     # PEFT reads `model.is_gradient_checkpointing`, which transformers now calls deprecated: nothing a user can change.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -42,6 +42,8 @@ class QALossConfig(SFTConfig):
         eval_match_questions (`str`, defaults to `"position"`): how the answer-set evaluation pairs generated items
             with reference items: `"position"` (the k-th with the k-th) or `"text"` (by question text); see
             [`answer_set_scores`].
+        bf16 (`bool` or `None`, defaults to `None`): as in TRL, bf16 mixed precision unless `fp16` is set, on a
+            machine with a bf16 GPU; on a machine without one (a CPU-only machine) it is off unless set to `True`.
         activation_checkpointing (`bool`, defaults to `True`): as in TRL, on by default; named here under its
             current transformers name so that a default config raises no deprecation warning about
             `gradient_checkpointing`, which remains an alias.
@@ -159,9 +161,18 @@ class QALossConfig(SFTConfig):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+        if self.bf16 is None and not self.fp16 and not bf16_supported(self.use_cpu):
+            self.bf16 = False  # TRL turns bf16 on by default, which transformers refuses without a bf16 GPU
         resolve_checkpointing_names(self)
         super().__post_init__()
         mirror_checkpointing_names(self)
+
+
+def bf16_supported(use_cpu: bool) -> bool:
+    """Whether transformers accepts `bf16=True` here: a bf16 GPU, an XLA device, or training on the CPU by choice."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()
 
 
 def as_qaloss_config(args, model) -> QALossConfig:

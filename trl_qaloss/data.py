@@ -25,9 +25,24 @@ STRUCTURED_FIELDS = ("context", "prompt", "qas")
 TRL_FORMATS = ({"prompt", "completion"}, {"messages"}, {"text"})
 
 
-def _where(index: int | None, source: str | None) -> str:
+STRUCTURED_EXAMPLE = '{"context": "...", "qas": [{"question": "...?", "answers": ["...", "..."]}]}'
+
+
+def _where(index: int | None, source: str | None, line: int | None = None) -> str:
+    """Where a row is, for errors: `my.jsonl, line 6` when the row's line in its file is known, else `Row 5 of ...`
+    (its index in the dataset)."""
+    if line is not None and source:
+        return f"{source}, line {line}"
     row = "Row" if index is None else f"Row {index}"
     return f"{row} of {source}" if source else row
+
+
+def _json(value: Any) -> str:
+    """`value` written as JSON, the syntax of the files users write; `repr` for what JSON cannot hold."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def qa_completion(
@@ -47,32 +62,35 @@ def qa_completion(
     """
     if isinstance(qas, (str, bytes)) or not isinstance(qas, Sequence) or not qas:
         raise ValueError(
-            f"{where}: field `qas` must be a non-empty list of {{'question', 'answers'}} objects, got {qas!r}."
+            f'{where}: field `qas` must be a non-empty list of {{"question": ..., "answers": [...]}} objects, got '
+            f"{_json(qas)}."
         )
     parts = []
     for i, qa in enumerate(qas):
         name = f"qas[{i}]"
         if not isinstance(qa, Mapping):
-            raise ValueError(f"{where}: field `{name}` must be an object with 'question' and 'answers', got {qa!r}.")
+            raise ValueError(
+                f'{where}: field `{name}` must be an object with "question" and "answers", got {_json(qa)}.'
+            )
         for key in ("question", "answers"):
             if qa.get(key) is None:
                 raise ValueError(
-                    f"{where}: field `{name}.{key}` is missing. Each item needs 'question' (a string) "
-                    "and 'answers' (a list of strings)."
+                    f'{where}: field `{name}.{key}` is missing. Each item needs "question" (a string) '
+                    'and "answers" (a list of strings).'
                 )
         question = _clean(qa["question"], f"{name}.question", where, (qa_token, answer_token))
         if question_end in question[: -len(question_end)]:
             raise ValueError(
-                f"{where}: field `{name}.question` contains {question_end!r} before its end: the set "
-                f"loss ends the question there. Rephrase it: {question!r}."
+                f"{where}: field `{name}.question` contains {_json(question_end)} before its end: the set "
+                f"loss ends the question there. Rephrase it: {_json(question)}."
             )
         if not question.endswith(question_end):
             question += question_end
         answers = qa["answers"]
         if isinstance(answers, (str, bytes)) or not isinstance(answers, Sequence):
             raise ValueError(
-                f"{where}: field `{name}.answers` must be a list of strings (write [{answers!r}] for "
-                f"one answer), got {type(answers).__name__}."
+                f"{where}: field `{name}.answers` must be a list of strings (write {_json([answers])} for "
+                f"one answer), got {_json(answers)}."
             )
         answers = [_clean(a, f"{name}.answers[{j}]", where, (qa_token, answer_token)) for j, a in enumerate(answers)]
         parts.append(" ".join([f"{qa_token} {question}", *(f"{answer_token} {a}" for a in answers)]))
@@ -81,13 +99,15 @@ def qa_completion(
 
 def _clean(value: Any, name: str, where: str, separators: tuple[str, str]) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{where}: field `{name}` must be a string, got {type(value).__name__} {value!r}.")
+        raise ValueError(f"{where}: field `{name}` must be a string, got {_json(value)}.")
     text = " ".join(value.split())  # the loss never reads whitespace, so runs of it are written as one space
     if not text:
         raise ValueError(f"{where}: field `{name}` is empty; the set loss would drop it. Remove it or fill it in.")
     for sep in separators:
         if sep in text:
-            raise ValueError(f"{where}: field `{name}` contains the separator {sep!r}, which would split it: {text!r}.")
+            raise ValueError(
+                f"{where}: field `{name}` contains the separator {_json(sep)}, which would split it: {_json(text)}."
+            )
     return text
 
 
@@ -99,6 +119,7 @@ def format_qas(
     answer_token: str = "<A>",
     question_end: str = "?",
     source: str | None = None,
+    line: int | None = None,
 ) -> dict[str, Any]:
     """Convert one structured row into TRL's prompt/completion format.
 
@@ -107,6 +128,7 @@ def format_qas(
         index: the row's index, named in errors.
         qa_token, answer_token, question_end: the separators, as in `QALossConfig`.
         source: where the row comes from (a file, a split), named in errors.
+        line: the row's 1-based line number in `source`, a JSONL file, named in errors instead of `index`.
 
     Returns:
         `{"prompt": ..., "completion": " <QA> question? <A> answer ..."}`; with a list of chat messages as prompt, the
@@ -115,15 +137,14 @@ def format_qas(
     Raises:
         ValueError: naming the row and the field, if the row cannot be converted exactly.
     """
-    where = _where(index, source)
+    where = _where(index, source, line)
     if "context" in row and "prompt" in row and row["context"] is not None and row["prompt"] is not None:
         raise ValueError(f"{where}: has both `context` and `prompt`; give one of them.")
     key = "context" if row.get("context") is not None else "prompt"
     prompt = row.get(key)
     if prompt is None:
         raise ValueError(
-            f"{where}: field `context` (or `prompt`) is missing. Structured rows are "
-            "{'context': str, 'qas': [{'question': str, 'answers': [str, ...]}, ...]}."
+            f"{where}: field `context` (or `prompt`) is missing. Structured rows are {STRUCTURED_EXAMPLE}."
         )
     if "qas" not in row or row["qas"] is None:
         raise ValueError(f"{where}: field `qas` is missing.")
@@ -132,7 +153,7 @@ def format_qas(
         return {"prompt": prompt, "completion": completion}
     if isinstance(prompt, Sequence) and all(isinstance(m, Mapping) and "role" in m for m in prompt):
         return {"prompt": list(prompt), "completion": [{"role": "assistant", "content": completion.lstrip()}]}
-    raise ValueError(f"{where}: field `{key}` must be a string or a list of chat messages, got {prompt!r}.")
+    raise ValueError(f"{where}: field `{key}` must be a string or a list of chat messages, got {_json(prompt)}.")
 
 
 def is_structured(column_names: Sequence[str]) -> bool:
@@ -141,9 +162,17 @@ def is_structured(column_names: Sequence[str]) -> bool:
 
 
 def format_qas_dataset(
-    dataset, *, qa_token: str = "<QA>", answer_token: str = "<A>", question_end: str = "?", source: str | None = None
+    dataset,
+    *,
+    qa_token: str = "<QA>",
+    answer_token: str = "<A>",
+    question_end: str = "?",
+    source: str | None = None,
+    line_numbers: Sequence[int] | None = None,
 ):
     """`format_qas` over a `datasets.Dataset`; rows already in one of TRL's formats are returned as they are.
+
+    `line_numbers`, when `source` is one JSONL file, holds each row's line in it: errors name the line.
 
     Raises:
         ValueError: if the columns are in no known format, or a row cannot be converted (naming the row and field).
@@ -158,12 +187,17 @@ def format_qas_dataset(
     if is_structured(columns):
         kwargs = dict(qa_token=qa_token, answer_token=answer_token, question_end=question_end, source=source)
         drop = [c for c in STRUCTURED_FIELDS if c in columns]
-        return dataset.map(lambda row, i: format_qas(row, i, **kwargs), with_indices=True, remove_columns=drop)
+        lines = list(line_numbers) if line_numbers is not None else None
+
+        def convert(row, i):
+            return format_qas(row, i, line=lines[i] if lines is not None else None, **kwargs)
+
+        return dataset.map(convert, with_indices=True, remove_columns=drop)
     if any(fmt <= columns for fmt in TRL_FORMATS):
         return dataset
     raise ValueError(
-        f"{source or 'The dataset'} has columns {sorted(columns)}, in no format trl-qaloss reads. Use structured rows "
-        "{'context', 'qas'}, or TRL's {'prompt', 'completion'}, {'messages'} or {'text'}."
+        f"{source or 'The dataset'} has columns {_json(sorted(columns))}, in no format trl-qaloss reads. Use "
+        f'structured rows {STRUCTURED_EXAMPLE}, or TRL\'s {{"prompt", "completion"}}, {{"messages"}} or {{"text"}}.'
     )
 
 
@@ -182,8 +216,10 @@ def read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
                 ) from error
 
 
-def check_json_file(path: str) -> None:
+def check_json_file(path: str) -> list[int] | None:
     """Raise a ValueError naming `path` if it holds no rows, or (a `.jsonl` file) the first line that is not JSON.
+
+    Returns the 1-based line number of each row of a `.jsonl` file (blank lines hold none), `None` for a `.json` file.
 
     Run before `datasets` reads the file, whose own errors are a bare `StopIteration` for an empty file and a
     pyarrow parse error without the line for a broken one.
@@ -192,17 +228,21 @@ def check_json_file(path: str) -> None:
         with open(path, encoding="utf-8") as file:
             if not file.read().strip():
                 raise ValueError(f"{path} is empty: it has no rows. Write one JSON object per row.")
-        return
-    rows = 0
+        return None
+    lines = []
     for number, row in read_jsonl(path):
+        if len(lines) + 1 != number:  # `datasets` fails on blank lines with a parse error that names no line
+            raise ValueError(f"{path}, line {len(lines) + 1}: a blank line. Remove it: every line holds one row.")
         if not isinstance(row, dict):
-            raise ValueError(f"{path}, line {number}: a row must be a JSON object, got {type(row).__name__}.")
-        rows += 1
-    if rows == 0:
-        raise ValueError(
-            f"{path} is empty: it has no rows. Write one JSON object per line, e.g. "
-            '{"context": "...", "qas": [{"question": "...?", "answers": ["..."]}]}.'
-        )
+            raise ValueError(f"{path}, line {number}: a row must be a JSON object, got {_json(row)}.")
+        lines.append(number)
+    with open(path, encoding="utf-8") as file:
+        blank = next((n for n, text in enumerate(file, start=1) if n > len(lines) and not text.strip()), None)
+    if blank is not None and lines:
+        raise ValueError(f"{path}, line {blank}: a blank line. Remove it: every line holds one row.")
+    if not lines:
+        raise ValueError(f"{path} is empty: it has no rows. Write one JSON object per line, e.g. {STRUCTURED_EXAMPLE}.")
+    return lines
 
 
 def format_structured(
@@ -228,20 +268,44 @@ def load_qa_dataset(name_or_path: str, config: str | None = None, streaming: boo
     """
     from datasets import load_dataset
 
+    split_files = {}  # split -> its one local file, whose line numbers errors name
+    lines = {}  # local file -> the line number of each of its rows
     if os.path.isfile(name_or_path):
         if not name_or_path.endswith((".json", ".jsonl")):
             raise ValueError(f"Local dataset files must be .json or .jsonl, got {name_or_path!r}.")
-        check_json_file(name_or_path)
+        split_files["train"] = os.path.realpath(name_or_path)
+        lines[split_files["train"]] = check_json_file(name_or_path)
         dataset = load_dataset("json", data_files={"train": name_or_path}, streaming=streaming)
     elif os.path.isdir(name_or_path):
         for file in sorted(os.listdir(name_or_path)):
             if file.endswith((".json", ".jsonl")):
-                check_json_file(os.path.join(name_or_path, file))
+                path = os.path.join(name_or_path, file)
+                lines[os.path.realpath(path)] = check_json_file(path)
+        split_files = directory_split_files(name_or_path)
         dataset = load_dataset(name_or_path, name=config, streaming=streaming)
     elif name_or_path.endswith((".json", ".jsonl")) or name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"Dataset file not found: {name_or_path!r} (from `dataset_name`).")
     else:
         dataset = load_dataset(name_or_path, name=config, streaming=streaming)
     for split in list(dataset):
-        dataset[split] = format_qas_dataset(dataset[split], source=f"{name_or_path} [{split}]", **kwargs)
+        file = split_files.get(split)
+        numbers = lines.get(file)
+        if numbers is not None and not streaming and len(numbers) == len(dataset[split]):
+            source = (
+                name_or_path if os.path.isfile(name_or_path) else os.path.join(name_or_path, os.path.basename(file))
+            )
+            dataset[split] = format_qas_dataset(dataset[split], source=source, line_numbers=numbers, **kwargs)
+        else:
+            dataset[split] = format_qas_dataset(dataset[split], source=f"{name_or_path} [{split}]", **kwargs)
     return dataset
+
+
+def directory_split_files(directory: str) -> dict[str, str]:
+    """`{split: file}` for each split that `datasets` reads from exactly one file of a local directory."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        files = DataFilesDict.from_patterns(get_data_patterns(directory), base_path=directory)
+    except Exception:  # no pattern `datasets` knows: it reports the problem itself when loading
+        return {}
+    return {str(split): os.path.realpath(paths[0]) for split, paths in files.items() if len(paths) == 1}

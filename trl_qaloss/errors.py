@@ -8,6 +8,7 @@ traceback.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import os
@@ -36,6 +37,14 @@ def user_errors() -> Iterator[None]:
         raise
     except INPUT_ERRORS as error:
         raise UsageError(str(error) or type(error).__name__) from error
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose mistakes (a bad value, a missing option) are `UsageError`s, reported as one line with
+    exit code 1 like every other input error, instead of argparse's usage text and exit code 2."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}. `{self.prog} --help` lists the options.")
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:
@@ -68,7 +77,7 @@ def pop_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
     return kept, debug
 
 
-def report(error: UsageError, debug: bool) -> None:
+def report(error: UsageError, debug: bool = False) -> None:
     """Print `error` for the user and exit with status 1; with `debug`, raise it with its traceback instead."""
     if debug:
         raise error

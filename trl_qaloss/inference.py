@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 from .data import read_jsonl
 from .demo import portable_demo_path, resolve_demo_path
+from .errors import ArgumentParser
 
 BASE_INFO_FILE = "trl_qaloss_base.json"
 SEPARATOR_FIELDS = ("qa_token", "answer_token", "question_end")
@@ -167,8 +168,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--adapter", help="directory of a trained LoRA adapter (the `output_dir` of `trl-qaloss train`)")
     which.add_argument("--model_name_or_path", help="a full model (hub id or directory) instead of an adapter")
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="most tokens generated per prompt")
-    parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call")
+    parser.add_argument(
+        "--max_new_tokens", type=int, default=256, help="most tokens generated per prompt (default: %(default)s)"
+    )
+    parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (default: %(default)s)")
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -183,7 +186,7 @@ def run_generate(argv: list[str]) -> None:
     """`trl-qaloss generate`: one JSON line per prompt, `{"prompt", "completion", "qas"}`, to `--output` or stdout."""
     from .errors import user_errors
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="trl-qaloss generate",
         description="Complete prompts greedily with a trained adapter (or model) and write one JSON line per prompt: "
         "prompt, completion and the parsed qas (question, answers).",
@@ -245,7 +248,7 @@ def run_evaluate(argv: list[str]) -> None:
     from .errors import user_errors
     from .metrics import answer_set_scores
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="trl-qaloss evaluate",
         description="Answer-set metrics (set-F1, precision, recall, soft-F1, cardinality error, ...) of a trained "
         "adapter's greedy completions against a dataset's reference answers.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
@@ -77,6 +78,8 @@ class QALossSFTTrainer(SFTTrainer):
         peft_config=None,
         **kwargs,
     ):
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)  # a model directory given as a `Path`
         args = as_qaloss_config(args, model)
         if isinstance(model, str):
             # Loaded here rather than by SFTTrainer so the separators can be added to its embeddings first.

@@ -1,0 +1,187 @@
+"""Every code block of README.md runs, as written, on a CPU-only machine, in the order a reader meets them.
+
+The blocks run one after the other in a fresh copy of the repository (its files, without outputs or caches), as a new
+user would run them after cloning: `bash` blocks command by command, `python` blocks each as a script of its own.
+`trl-qaloss` and `python` run this checkout's code. What the test changes or adds, and nothing else:
+
+- a Hugging Face Hub model name (`HUB_MODELS`), in a block or in a recipe the block names, is replaced by the demo's
+  model, since the tests run offline;
+- the input files the README asks the reader to bring (`qa.jsonl`, `my.jsonl`, `prompts.jsonl`) are written first;
+- `pip install ...` is what `.ci/run` has just done before the tests run (the test checks that each names this project
+  or the pinned CPU torch, and does not repeat it offline), and `python -m pytest -q` is the run this test belongs
+  to: both are checked against `.ci/run` instead of being run again.
+
+Blocks without a language are what a command prints; they are not run. A `print(...)  # expected` line in a `python`
+block must print what its comment says (`...` standing for any text).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.testing_utils import ROOT
+
+README = Path(ROOT, "README.md").read_text()
+BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+HUB_MODELS = ("Qwen/Qwen2.5-0.5B-Instruct",)
+DEMO_MODEL = "trl_qaloss/demo/model"  # the demo's model, as recipes name it (resolved inside the package)
+DEMO_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "train.jsonl").read_text().splitlines()
+EVAL_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "eval.jsonl").read_text().splitlines()
+CI_COMMANDS = [line.strip() for line in Path(ROOT, ".ci", "run").read_text().splitlines() if line.startswith("python3")]
+COPY_IGNORED = shutil.ignore_patterns(
+    ".git", "outputs", "runs", "gpu-check", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", "build", "dist"
+)
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    """`(language, code)` of every fenced block of README.md, in order."""
+    return BLOCK.findall(README)
+
+
+def fresh_copy(directory: Path) -> Path:
+    """The repository's files copied to `directory/repo`, with the inputs a reader brings and the Hub models swapped."""
+    repo = directory / "repo"
+    shutil.copytree(ROOT, repo, ignore=COPY_IGNORED)
+    for recipe in (repo / "recipes").glob("*.yaml"):
+        recipe.write_text(swap_hub_models(recipe.read_text()))
+    (repo / "qa.jsonl").write_text("\n".join(DEMO_ROWS[:40]) + "\n")
+    (repo / "my.jsonl").write_text("\n".join(DEMO_ROWS[40:80]) + "\n")
+    prompts = [json.loads(row)["context"] for row in EVAL_ROWS[:2]]
+    (repo / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    return repo
+
+
+def swap_hub_models(text: str) -> str:
+    for name in HUB_MODELS:
+        text = text.replace(name, DEMO_MODEL)
+    return text
+
+
+def shell_commands(code: str) -> list[str]:
+    """The commands of a `bash` block: its lines (backslash continuations joined), each split at `&&`."""
+    commands = []
+    for line in code.replace("\\\n", " ").splitlines():
+        line = line.split("  #")[0].strip()
+        if line and not line.startswith("#"):
+            commands += [part.strip() for part in line.split(" && ")]
+    return commands
+
+
+def check_ci_command(command: str) -> bool:
+    """Whether `command` is one `.ci/run` runs before or as the tests (so it is not run again here)."""
+    words = shlex.split(command)
+    if words[:2] == ["pip", "install"]:
+        assert words[2:] in (["torch==2.13.0"], ["-e", "."], ["-e", ".[dev,tracking,bench]"]), command
+        assert any(" ".join(words[2:]).replace('"', "") in c.replace('"', "") for c in CI_COMMANDS), command
+        return True
+    if words == ["python", "-m", "pytest", "-q"]:
+        assert "python3 -m pytest -q" in CI_COMMANDS, CI_COMMANDS
+        return True
+    return False
+
+
+def expected_prints(code: str) -> list[str]:
+    """The patterns of the `print(...)  # expected` lines of a block, in order."""
+    patterns = []
+    for line in code.splitlines():
+        match = re.match(r"\s*print\(.*\)\s+#\s(.*)$", line)
+        if match:
+            patterns.append(".*".join(re.escape(part) for part in match.group(1).split("...")))
+    return patterns
+
+
+def environment(directory: Path, repo: Path) -> dict:
+    """`trl-qaloss` and `python` on PATH running this checkout's copy, offline, one torch thread per process."""
+    bin_dir = directory / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, target in (("trl-qaloss", f"{sys.executable} -m trl_qaloss"), ("python", sys.executable)):
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec {target} "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "TRL_QALOSS_DEBUG"}
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(repo),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
+    return env
+
+
+def run(args: list[str], repo: Path, env: dict, what: str) -> str:
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    output = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, f"{what} failed ({result.returncode}):\n{output}"
+    return result.stdout
+
+
+def test_every_block_has_a_language_or_is_output():
+    languages = {language for language, _ in readme_blocks()}
+    assert languages <= {"bash", "python", ""}, languages
+
+
+@pytest.fixture(scope="module")
+def readme_run(tmp_path_factory):
+    """Every `bash` and `python` block run in order in a fresh copy: `[(language, code, stdout of each command)]`."""
+    directory = tmp_path_factory.mktemp("readme")
+    repo = fresh_copy(directory)
+    env = environment(directory, repo)
+    results = []
+    for number, (language, code) in enumerate(readme_blocks()):
+        if language == "bash":
+            outputs = [
+                run(["bash", "-c", command], repo, env, f"README block {number}: {command}")
+                for command in shell_commands(code)
+                if not check_ci_command(command)
+            ]
+            results.append((language, code, outputs))
+        elif language == "python":
+            script = directory / f"block_{number}.py"
+            script.write_text(swap_hub_models(code))
+            results.append((language, code, [run([sys.executable, str(script)], repo, env, f"README block {number}")]))
+    return repo, results
+
+
+def test_every_code_block_runs_as_written(readme_run):
+    repo, results = readme_run
+    assert sum(language == "python" for language, _, _ in results) >= 8
+    assert (repo / "outputs" / "demo-cpu" / "adapter_model.safetensors").is_file()  # the quickstart's demo
+    assert (repo / "outputs" / "my-qa" / "adapter_model.safetensors").is_file()  # the own-data command
+    assert (repo / "completions.jsonl").is_file() and (repo / "qwen-qaloss").is_dir()
+
+
+def test_python_blocks_print_what_their_comments_say(readme_run):
+    _, results = readme_run
+    checked = 0
+    for language, code, outputs in results:
+        if language != "python":
+            continue
+        printed = [line for line in outputs[0].splitlines() if line.strip()]
+        patterns = expected_prints(code)
+        assert len(printed) >= len(patterns), (code, printed)
+        for pattern, line in zip(patterns, printed[-len(patterns) :] if patterns else [], strict=True):
+            assert re.fullmatch(pattern, line.strip()), (pattern, line)
+            checked += 1
+    assert checked >= 3
+
+
+def test_the_demo_reaches_the_answer_sets_the_readme_states(readme_run):
+    """`trl-qaloss train` as the quickstart runs it: the held-out exact-set match it ends with, which `evaluate` on its
+    adapter reproduces, is the one the README states for seed 0."""
+    repo, _ = readme_run
+    logs = json.loads((repo / "outputs" / "demo-cpu" / "trainer_state.json").read_text())["log_history"]
+    trained = next(log for log in reversed(logs) if "eval_exact_set_match" in log)
+    evaluated = json.loads((repo / "outputs" / "demo-cpu" / "eval_results.json").read_text())
+    assert evaluated["num_rows"] == trained["eval_num_examples"] == 80
+    assert evaluated["metrics"]["exact_set_match"] == pytest.approx(trained["eval_exact_set_match"], abs=0.02)
+    assert trained["eval_exact_set_match"] >= 0.9
