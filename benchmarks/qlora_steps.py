@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))  # trl_qaloss and the benchmarks, without installi
 
 from benchmarks.random_4bit import load_random_4bit  # noqa: E402
 from trl_qaloss import QALossConfig, QALossSFTTrainer  # noqa: E402
-from trl_qaloss.cli import load_datasets, model_init_kwargs, parse_args  # noqa: E402
+from trl_qaloss.cli.training import load_datasets, model_init_kwargs, parse_args  # noqa: E402
 from trl_qaloss.compat import installed_versions, is_checkpointing  # noqa: E402
 
 DEMO_TOKENIZER = ROOT / "trl_qaloss" / "demo" / "model"

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from tests.testing_utils import nf4_quantization
-from trl_qaloss.cli import main, make_parser, model_init_kwargs, parse_args
+from trl_qaloss.cli import main
+from trl_qaloss.cli.training import make_parser, model_init_kwargs, parse_args
 from trl_qaloss.demo import DEFAULT_RECIPE, MODEL_DIR
 from trl_qaloss.errors import UsageError
 
@@ -139,7 +140,7 @@ def test_usage_and_unknown_command(capsys):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """The demo recipe, 2 steps of batch 8, in this process: `(trainer, output_dir, printed text)`."""
-    from trl_qaloss.cli import train
+    from trl_qaloss.cli.training import train
 
     out = tmp_path_factory.mktemp("demo")
     # Without the recipe's final evaluation: on CPU, bitsandbytes' inference path rewrites the 4-bit weights' quant
@@ -256,7 +257,7 @@ def test_init_from_config_builds_random_weights_at_the_configs_size(tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import get_quantization_config
 
-    from trl_qaloss.cli import model_from_config
+    from trl_qaloss.cli.training import model_from_config
 
     _, training_args, model_args, _ = parse_args(["--output_dir", str(tmp_path), "--init_from_config", "true"])
     shipped = load_file(MODEL_DIR / "model.safetensors")
@@ -274,7 +275,7 @@ def test_init_from_config_builds_random_weights_at_the_configs_size(tmp_path):
 
 def test_resume_true_in_a_recipe_resumes_from_the_last_complete_checkpoint(tmp_path):
     """`resume_from_checkpoint: true` (a string to the parser) resumes, and skips a half-written checkpoint."""
-    from trl_qaloss.cli import train
+    from trl_qaloss.cli.training import train
 
     out = tmp_path / "run"
     common = ["--config", str(DEMO), "--output_dir", str(out), "--per_device_train_batch_size", "4", *SHORT]

@@ -13,7 +13,7 @@ from trl import SFTConfig
 
 from tests.testing_utils import DEMO_RECIPE, config_values, tiny_llama
 from trl_qaloss import QALossConfig
-from trl_qaloss.cli import parse_args
+from trl_qaloss.cli.training import parse_args
 from trl_qaloss.compat import SettingsCheck, checkpointing_arguments, installed_versions, is_checkpointing
 from trl_qaloss.config import as_qaloss_config
 from trl_qaloss.errors import UsageError

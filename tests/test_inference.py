@@ -24,7 +24,7 @@ def test_the_adapter_records_its_4bit_base(demo_adapter):
     from bitsandbytes.nn import Linear4bit
     from peft import PeftModel
 
-    from trl_qaloss.inference import BASE_INFO_FILE, load_for_inference
+    from trl_qaloss.cli.inference import BASE_INFO_FILE, load_for_inference
 
     info = json.loads((demo_adapter / BASE_INFO_FILE).read_text())
     # the shipped demo model is recorded as the recipe names it, so the adapter loads wherever the package is installed

@@ -53,7 +53,7 @@ def test_own_jsonl_without_eval_split_trains_and_evaluates(tmp_path):
 
 
 def test_the_default_eval_split_is_a_tenth_drawn_with_the_seed(tmp_path):
-    from trl_qaloss.cli import load_datasets, parse_args
+    from trl_qaloss.cli.training import load_datasets, parse_args
 
     data = tmp_path / own_jsonl(tmp_path)
     splits = []
@@ -66,7 +66,7 @@ def test_the_default_eval_split_is_a_tenth_drawn_with_the_seed(tmp_path):
 
 
 def test_a_one_row_dataset_trains_without_evaluation(tmp_path, caplog):
-    from trl_qaloss.cli import load_datasets, parse_args
+    from trl_qaloss.cli.training import load_datasets, parse_args
 
     data = tmp_path / own_jsonl(tmp_path, rows=1)
     script_args, training_args, _, dataset_args = parse_args(["--dataset_name", str(data)])
@@ -160,7 +160,7 @@ def test_report_to_tensorboard_writes_the_set_metrics(tmp_path):
 def test_own_data_gets_its_own_output_dir_and_a_word_about_the_demo_model(tmp_path, caplog):
     """`--dataset_name my.jsonl` on the demo recipe does not overwrite the demo's adapter, and says that the demo's
     model is not the one to train on other data."""
-    from trl_qaloss.cli import parse_args
+    from trl_qaloss.cli.training import parse_args
 
     data = str(tmp_path / own_jsonl(tmp_path))
     with caplog.at_level(logging.WARNING, logger="trl_qaloss"):

@@ -149,6 +149,21 @@ def test_a_module_imports_under_its_earlier_name(old, new):
     assert loaded_modules(f"import {old}")  # in a fresh interpreter too
 
 
+def test_the_command_line_entry_point():
+    """`pyproject.toml`'s `trl-qaloss` entry point and the train command's functions, still importable from the
+    command-line package."""
+    import tomllib
+
+    from trl_qaloss.cli import training
+
+    entry = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]["trl-qaloss"]
+    module, _, function = entry.partition(":")
+    assert callable(getattr(importlib.import_module(module), function))
+    from trl_qaloss.cli import load_datasets, make_parser, model_init_kwargs, parse_args, train  # noqa: F401
+
+    assert train is training.train and parse_args is training.parse_args
+
+
 def test_documented_imports():
     from trl_qaloss.parsing import parse_qa_text  # noqa: F401
     from trl_qaloss.reference import reorder_answers_reference, set_matching_loss_reference  # noqa: F401

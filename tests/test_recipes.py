@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from trl_qaloss.cli import build_trainer, parse_args
+from trl_qaloss.cli.training import build_trainer, parse_args
 from trl_qaloss.compat import installed_versions, is_checkpointing
 from trl_qaloss.demo import DATA_DIR, MODEL_DIR
 

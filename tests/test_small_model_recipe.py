@@ -30,7 +30,7 @@ def test_small_model_recipe_trains_a_tiny_qwen2_with_its_settings(tmp_path):
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    from trl_qaloss.cli import build_trainer, parse_args
+    from trl_qaloss.cli.training import build_trainer, parse_args
 
     model_dir = tiny_qwen2(tmp_path / "tiny-qwen2")
     out = tmp_path / "out"

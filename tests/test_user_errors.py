@@ -207,7 +207,7 @@ def test_help_lists_the_plugin_fields_first_with_config(tmp_path):
 @pytest.mark.parametrize("recipe", sorted(Path(ROOT, "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_recipes_use_current_field_names(recipe):
     """No deprecation warning a user cannot act on: every recipe field has its current name."""
-    from trl_qaloss.cli import parse_args
+    from trl_qaloss.cli.training import parse_args
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)

@@ -28,7 +28,8 @@ _EXPORTS = {
     "set_matching_loss": "engine.loss",
 }
 # Modules that live in a layer's subpackage, importable under their earlier top-level names too.
-_MOVED_MODULES = {
+_MOVED_MODULES = {f"{__name__}.inference": f"{__name__}.cli.inference"}
+_MOVED_MODULES |= {
     f"{__name__}.{name}": f"{__name__}.engine.{name}"
     for name in (
         "answer_order",

@@ -1,10 +1,8 @@
-"""The `trl-qaloss` command: train `QALossSFTTrainer` from a YAML recipe, written like TRL's `trl/scripts/sft.py`.
+"""`trl-qaloss train`: train `QALossSFTTrainer` from a YAML recipe, written like TRL's `trl/scripts/sft.py`.
 
     trl-qaloss train                                   # the offline CPU demo (the embedded recipes/demo-cpu.yaml)
     trl-qaloss train --config recipes/<name>.yaml [--any_field value ...]
     accelerate launch --config_file recipes/accelerate/<name>.yaml -m trl_qaloss train --config recipes/<name>.yaml
-
-    trl-qaloss generate --adapter DIR --prompt TEXT    # and `evaluate`: see trl_qaloss/inference.py
 
 Every field of `ScriptArguments`, `QALossConfig` (so every `SFTConfig` field), `ModelConfig` and
 `DatasetMixtureConfig` works in the YAML and as a flag; flags override the YAML. TRL's `TrlParser` reads the YAML
@@ -25,7 +23,6 @@ import os
 import shlex
 import sys
 import typing
-import warnings
 from dataclasses import dataclass, field
 
 import yaml
@@ -34,23 +31,15 @@ import yaml
 # Everything heavy (the config, which imports torch, the trainer, the models) is imported by the command that runs.
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-from .demo import DEFAULT_RECIPE, DEMO_DIR, MODEL_DIR, resolve_demo_path
-from .errors import UsageError, did_you_mean, pop_debug_flag, report, user_errors, yaml_error_message
+from ..demo import DEFAULT_RECIPE, DEMO_DIR, MODEL_DIR, resolve_demo_path
+from ..errors import UsageError, check_model_path, did_you_mean, user_errors, yaml_error_message
 
 if typing.TYPE_CHECKING:
-    from .config import QALossConfig
+    from ..config import QALossConfig
 
 logger = logging.getLogger("trl_qaloss")
 # Share of the rows held out for evaluation when the dataset has no eval split and `test_split_size` is not set.
 DEFAULT_TEST_SPLIT_SIZE = 0.1
-
-USAGE = """usage: trl-qaloss <command> [options]
-
-  train      train QALossSFTTrainer from a recipe; without --config, runs the offline CPU demo (recipes/demo-cpu.yaml)
-  generate   complete prompts with a trained adapter (or model) and write the parsed questions and answers
-  evaluate   answer-set metrics (set-F1, ...) of a trained adapter (or model) on a dataset
-
-`trl-qaloss <command> --help` lists the options of each; `--debug` shows the traceback of an error."""
 
 TRAIN_USAGE = "trl-qaloss train [--config RECIPE.yaml] [--debug] [--FIELD VALUE ...]"
 TRAIN_DESCRIPTION = (
@@ -148,7 +137,7 @@ class QALossParser(TrlParser):
             names = [s.lstrip("-") for s in strings if s.startswith("--")] or list(strings)
             if names:
                 name = names[0].split("=")[0].replace("-", "_")
-                from .compat import installed_versions
+                from ..compat import installed_versions
 
                 raise ValueError(
                     f"Unknown field `{name}` {where}.{did_you_mean(name, known)} `trl-qaloss train --help` lists "
@@ -157,7 +146,7 @@ class QALossParser(TrlParser):
 
 
 def make_parser(prog: str = "trl-qaloss train") -> TrlParser:
-    from .config import QALossConfig
+    from ..config import QALossConfig
 
     return QALossParser(
         (QALossScriptArguments, QALossConfig, ModelConfig, DatasetMixtureConfig),
@@ -250,7 +239,7 @@ def load_datasets(script_args: QALossScriptArguments, training_args: QALossConfi
     """The train and eval datasets, structured rows converted with the recipe's separators."""
     from trl import get_dataset
 
-    from .data import format_qas_dataset, load_qa_dataset
+    from ..data import format_qas_dataset, load_qa_dataset
 
     separators = dict(
         qa_token=training_args.qa_token,
@@ -374,14 +363,6 @@ def resume_argument(value: str | bool | None) -> str | bool | None:
     return value
 
 
-def check_model_path(name_or_path: str | None) -> None:
-    """Raise if `model_name_or_path` is unset, or names a local directory (`./...`, `/...`, `~/...`) that is missing."""
-    if not name_or_path:
-        raise ValueError("`model_name_or_path` must be set (a hub id or a local directory).")
-    if name_or_path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
-        raise FileNotFoundError(f"Model directory not found: {name_or_path!r} (from `model_name_or_path`).")
-
-
 def check_report_to(training_args: QALossConfig) -> None:
     """Raise a ValueError naming the extra to install when `report_to` asks for TensorBoard and it is missing."""
     import importlib.util
@@ -399,7 +380,7 @@ def build_trainer(script_args, training_args, model_args, dataset_args):
     """The `QALossSFTTrainer` of parsed arguments: the model, the datasets and the checks of both, not yet trained."""
     from trl import get_peft_config, get_quantization_config
 
-    from .trainer import QALossSFTTrainer
+    from ..trainer import QALossSFTTrainer
 
     check_model_path(model_args.model_name_or_path)
     check_report_to(training_args)
@@ -474,8 +455,8 @@ def run_summary(trainer, script_args, training_args, model_args) -> str:
     """What `train` prints at the end: the last answer-set evaluation (a table and a few held-out examples, generated
     and reference answer sets side by side), where the model is, and the `generate` and `evaluate` commands to run
     next with the evaluation's own settings."""
-    from .callbacks import QASetEvalCallback
-    from .demo import portable_demo_path
+    from ..callbacks import QASetEvalCallback
+    from ..demo import portable_demo_path
 
     output_dir = training_args.output_dir
     what = "LoRA adapter" if model_args.use_peft else "Model"
@@ -508,7 +489,7 @@ def run_summary(trainer, script_args, training_args, model_args) -> str:
 
 def side_by_side(prompt: str, prediction: str, reference: str, separators: tuple[str, str, str]) -> list[str]:
     """Lines showing one example: the prompt, then per question (by position) its generated and reference answers."""
-    from .parsing import parse_qa_text
+    from ..engine.parsing import parse_qa_text
 
     predicted, expected = parse_qa_text(prediction, *separators), parse_qa_text(reference, *separators)
     rows = [("question", "generated", "reference")]
@@ -523,36 +504,7 @@ def side_by_side(prompt: str, prediction: str, reference: str, separators: tuple
     return [f"  {prompt}", *(f"    {a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows)]
 
 
-COMMANDS = ("train", "generate", "evaluate")
-
-
 def run_train(argv: list[str]) -> None:
     with user_errors():
         parsed = parse_args(argv)
     train(*parsed)
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(USAGE)
-        sys.exit(0)
-    if not argv or argv[0] not in COMMANDS:
-        what = f"Unknown command {argv[0]!r}.{did_you_mean(argv[0], COMMANDS)}" if argv else "No command given."
-        report(UsageError(f"{what} The commands are train, generate and evaluate; `trl-qaloss --help` says more."))
-    command, (args, debug) = argv[0], pop_debug_flag(argv[1:])
-    # PEFT reads `model.is_gradient_checkpointing`, which transformers now calls deprecated: nothing a user can change.
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    try:
-        if command == "train":
-            run_train(args)
-        else:
-            from .inference import run_evaluate, run_generate
-
-            (run_generate if command == "generate" else run_evaluate)(args)
-    except UsageError as error:
-        report(error, debug)
-
-
-if __name__ == "__main__":
-    main()

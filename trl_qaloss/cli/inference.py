@@ -16,9 +16,9 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
-from .data import read_jsonl
-from .demo import portable_demo_path, resolve_demo_path
-from .errors import ArgumentParser
+from ..data import read_jsonl
+from ..demo import portable_demo_path, resolve_demo_path
+from ..errors import ArgumentParser
 
 BASE_INFO_FILE = "trl_qaloss_base.json"
 SEPARATOR_FIELDS = ("qa_token", "answer_token", "question_end")
@@ -69,7 +69,7 @@ def load_for_inference(adapter: str | None = None, model_name_or_path: str | Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from .cli import check_model_path
+    from ..errors import check_model_path
 
     if adapter is None and model_name_or_path is None:
         raise ValueError("Give `--adapter DIR` (a trained LoRA adapter) or `--model_name_or_path` (a full model).")
@@ -128,7 +128,7 @@ def complete(
     """Greedy completions of `prompts` (texts or chat message lists), decoded with the separators kept."""
     import torch
 
-    from .generation import greedy_completions, hidden_token_ids
+    from ..generation import greedy_completions, hidden_token_ids
 
     tokenizer = loaded.tokenizer
     ids = [prompt_ids(tokenizer, prompt) for prompt in prompts]
@@ -140,7 +140,7 @@ def complete(
 
 def parsed_items(text: str, separators: tuple[str, str, str]) -> list[dict]:
     """The `[{"question", "answers"}]` items of a completion."""
-    from .engine.parsing import parse_qa_text
+    from ..engine.parsing import parse_qa_text
 
     return [asdict(item) for item in parse_qa_text(text, *separators)]
 
@@ -184,7 +184,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 def run_generate(argv: list[str]) -> None:
     """`trl-qaloss generate`: one JSON line per prompt, `{"prompt", "completion", "qas"}`, to `--output` or stdout."""
-    from .errors import user_errors
+    from ..errors import user_errors
 
     parser = ArgumentParser(
         prog="trl-qaloss generate",
@@ -244,9 +244,9 @@ def format_table(scores: dict[str, float]) -> str:
 
 def run_evaluate(argv: list[str]) -> None:
     """`trl-qaloss evaluate`: answer-set metrics of greedy completions on a dataset, printed and written as JSON."""
-    from .data import load_qa_dataset
-    from .errors import user_errors
-    from .metrics import answer_set_scores
+    from ..data import load_qa_dataset
+    from ..errors import user_errors
+    from ..metrics import answer_set_scores
 
     parser = ArgumentParser(
         prog="trl-qaloss evaluate",
