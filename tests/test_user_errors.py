@@ -52,6 +52,7 @@ CASES = {
         r"Unknown field `lamda_set` on the command line\. Did you mean `lambda_set`\?",
     ),
     "missing recipe": (lambda d: ["--config", "nope.yaml"], r"Recipe file not found: 'nope\.yaml'"),
+    "--config without a file": (lambda d: ["--config"], r"`--config` needs a recipe file: `--config recipes/"),
     "missing dataset": (lambda d: ["--dataset_name", "nope.jsonl"], r"Dataset file not found: 'nope\.jsonl'"),
     "missing model": (lambda d: ["--model_name_or_path", "./nope"], r"Model directory not found: '\./nope'"),
     "empty JSONL": (
@@ -140,6 +141,15 @@ COMMAND_LINE_CASES = {
         ["generate", "--adapter", "out", "--prompt", "x", "--max_new_tokens", "many"],
         r"argument --max_new_tokens: invalid int value: 'many'",
     ),
+    # A model directory that does not exist: the flag is refused before any model would load.
+    "generate, zero batch size": (
+        ["generate", "--adapter", "no-such-adapter", "--prompt", "x", "--batch_size", "0"],
+        r"--batch_size must be at least 1, got 0",
+    ),
+    "generate, zero new tokens": (
+        ["generate", "--adapter", "no-such-adapter", "--prompt", "x", "--max_new_tokens", "0"],
+        r"--max_new_tokens must be at least 1, got 0",
+    ),
     "evaluate without a dataset": (
         ["evaluate", "--adapter", "out"],
         r"the following arguments are required: --dataset_name\. `trl-qaloss evaluate --help`",
@@ -167,6 +177,27 @@ def test_help_of_generate_and_evaluate_shows_the_defaults(tmp_path, command):
     help_text = " ".join(result.stdout.split())
     assert "most tokens generated per prompt (default: 256)" in help_text
     assert "prompts per generate call (default: 8)" in help_text
+
+
+def test_evaluate_names_a_row_without_a_prompt(tmp_path):
+    """A chat row made only of an assistant turn has nothing to generate from: its line is named, in JSON terms."""
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Tell me about valdor."},
+                {"role": "assistant", "content": "<QA> x"},
+            ]
+        },
+        {"messages": [{"role": "assistant", "content": "<QA> who rules valdor? <A> bozuman"}]},
+    ]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = run_cli(
+        "evaluate", "--model_name_or_path", "trl_qaloss/demo/model", "--dataset_name", "chat.jsonl", cwd=tmp_path
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "chat.jsonl, line 2: evaluation needs a prompt" in lines[0], result.stderr[-3000:]
+    assert '{"messages": [...]}' in lines[0] and "'" not in lines[0].split(":", 2)[-1]
 
 
 def test_programming_errors_keep_their_type():

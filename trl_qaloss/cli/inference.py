@@ -217,8 +217,9 @@ def run_generate(argv: list[str]) -> None:
             print("\n".join(lines))
 
 
-def prompt_and_reference(row: dict, index: int, source: str) -> tuple:
-    """`(prompt, reference completion text)` of a dataset row in prompt/completion or conversational format."""
+def prompt_and_reference(row: dict, where: str) -> tuple:
+    """`(prompt, reference completion text)` of a dataset row in prompt/completion or conversational format; `where`
+    names the row in errors."""
     if "prompt" in row and "completion" in row:
         completion = row["completion"]
         if isinstance(completion, list):  # conversational prompt/completion: the assistant turn
@@ -230,9 +231,18 @@ def prompt_and_reference(row: dict, index: int, source: str) -> tuple:
         if last is not None and last > 0:
             return messages[:last], messages[last]["content"]
     raise ValueError(
-        f"Row {index} of {source}: evaluation needs a prompt and its reference answer: structured "
-        "{'context', 'qas'} rows, {'prompt', 'completion'} rows, or {'messages'} ending with an assistant turn."
+        f'{where}: evaluation needs a prompt and its reference answer: structured {{"context": ..., "qas": [...]}} '
+        'rows, {"prompt": ..., "completion": ...} rows, or {"messages": [...]} whose last assistant turn follows '
+        "another turn."
     )
+
+
+def row_location(dataset_name: str, split: str, index: int) -> str:
+    """Where row `index` of `split` is, for errors: its line in a `.jsonl` file (which holds no blank line: loading
+    refuses them), else its index in the split."""
+    if dataset_name.endswith(".jsonl"):
+        return f"{dataset_name}, line {index + 1}"
+    return f"Row {index} of {dataset_name} [{split}]"
 
 
 def format_table(scores: dict[str, float]) -> str:
@@ -277,7 +287,7 @@ def run_evaluate(argv: list[str]) -> None:
         rows = dataset[split]
         if args.eval_generate_samples is not None:
             rows = rows.select(range(min(args.eval_generate_samples, len(rows))))
-        pairs = [prompt_and_reference(row, i, f"{args.dataset_name} [{split}]") for i, row in enumerate(rows)]
+        pairs = [prompt_and_reference(row, row_location(args.dataset_name, split, i)) for i, row in enumerate(rows)]
         completions = complete(loaded, [p for p, _ in pairs], args.max_new_tokens, args.batch_size)
         scores = answer_set_scores(completions, [r for _, r in pairs], *loaded.separators)
         output = args.output or os.path.join(args.adapter or ".", "eval_results.json")
