@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 # The real config of each hub model a recipe names (read offline); the test shrinks it to a tiny model of that family.
 MODEL_CONFIGS = {
+    "Qwen/Qwen2.5-0.5B-Instruct": ROOT / "benchmarks" / "configs" / "qwen2.5-0.5b.json",
     "Qwen/Qwen2.5-7B-Instruct": ROOT / "benchmarks" / "configs" / "qwen2.5-7b.json",
     "Qwen/Qwen2.5-72B-Instruct": ROOT / "benchmarks" / "configs" / "qwen2.5-72b.json",
 }
@@ -80,23 +81,29 @@ def check_optimizer(name: str, optimizer) -> None:
 
 
 def check_4bit_and_lora(config: dict, model) -> None:
-    """4-bit on every linear layer of the decoder, with the recipe's quant type, double quantization, compute and
-    storage dtypes, the rest in the recipe's dtype; LoRA of the recipe's rank, alpha and dropout on each of them."""
+    """With `load_in_4bit`: 4-bit on every linear layer of the decoder, with the recipe's quant type, double
+    quantization, compute and storage dtypes; without it, no 4-bit layer and the decoder's linear layers in the recipe's
+    dtype. The rest in the recipe's dtype; LoRA of the recipe's rank, alpha and dropout on each decoder linear layer."""
     import bitsandbytes as bnb
 
     base = model.get_base_model()
     dtype = getattr(torch, config["dtype"])
-    # LoRA wraps each 4-bit layer: `...q_proj.base_layer` is the 4-bit layer of `...q_proj`
+    # LoRA wraps each linear layer it adapts: `...q_proj.base_layer` is the original layer of `...q_proj`
+    wrapped = {name.removesuffix(".base_layer"): m for name, m in base.named_modules() if name.endswith(".base_layer")}
     four_bit = {name: m for name, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    adapted = {name.removesuffix(".base_layer") for name in four_bit if name.endswith(".base_layer")}
-    four_bit = {name.removesuffix(".base_layer"): m for name, m in four_bit.items()}
-    assert config["load_in_4bit"] and four_bit
-    assert {name.rsplit(".", 1)[-1] for name in four_bit} == LINEAR_NAMES
-    storage = getattr(torch, config.get("bnb_4bit_quant_storage", "uint8"))
-    for name, layer in four_bit.items():
-        assert layer.weight.quant_type == config["bnb_4bit_quant_type"], name
-        assert layer.weight.quant_state.nested == config["use_bnb_nested_quant"], name
-        assert layer.compute_dtype == dtype and layer.weight.dtype == storage, name
+    if not config.get("load_in_4bit"):
+        assert not four_bit and all(m.weight.dtype == dtype for m in wrapped.values())
+        adapted = set(wrapped)
+        assert {name.rsplit(".", 1)[-1] for name in adapted} == LINEAR_NAMES
+    else:
+        adapted = {name.removesuffix(".base_layer") for name in four_bit if name.endswith(".base_layer")}
+        four_bit = {name.removesuffix(".base_layer"): m for name, m in four_bit.items()}
+        assert four_bit and {name.rsplit(".", 1)[-1] for name in four_bit} == LINEAR_NAMES
+        storage = getattr(torch, config.get("bnb_4bit_quant_storage", "uint8"))
+        for name, layer in four_bit.items():
+            assert layer.weight.quant_type == config["bnb_4bit_quant_type"], name
+            assert layer.weight.quant_state.nested == config["use_bnb_nested_quant"], name
+            assert layer.compute_dtype == dtype and layer.weight.dtype == storage, name
     assert base.get_input_embeddings().weight.dtype == dtype
     if "attn_implementation" in config:
         assert base.config._attn_implementation == config["attn_implementation"]
@@ -106,7 +113,7 @@ def check_4bit_and_lora(config: dict, model) -> None:
         config["lora_alpha"],
         config["lora_dropout"],
     )
-    assert config["lora_target_modules"] == "all-linear" and adapted == set(four_bit)
+    assert config["lora_target_modules"] == "all-linear" and adapted == set(four_bit or wrapped)
     assert all(p.requires_grad == ("lora_" in n or "trainable_tokens" in n) for n, p in model.named_parameters())
 
 
