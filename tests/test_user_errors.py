@@ -55,6 +55,10 @@ CASES = {
     "--config without a file": (lambda d: ["--config"], r"`--config` needs a recipe file: `--config recipes/"),
     "missing dataset": (lambda d: ["--dataset_name", "nope.jsonl"], r"Dataset file not found: 'nope\.jsonl'"),
     "missing model": (lambda d: ["--model_name_or_path", "./nope"], r"Model directory not found: '\./nope'"),
+    "missing model in the home directory": (
+        lambda d: ["--model_name_or_path", "~/no-such-qaloss-model"],
+        r"Model directory not found: '~/no-such-qaloss-model'",
+    ),
     "empty JSONL": (
         lambda d: ["--dataset_name", write(d / "empty.jsonl", "")],
         r"empty\.jsonl is empty: it has no rows",
