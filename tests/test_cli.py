@@ -332,6 +332,8 @@ def test_config_works_on_a_cpu_only_machine_and_the_model_may_be_a_path(tmp_path
     gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     assert args.bf16 is gpu_bf16 and args.answer_order == "canonical" and args.lambda_set == 0
     assert QALossConfig(output_dir=str(tmp_path), bf16=False).bf16 is False
+    # Training on the CPU by choice keeps TRL's bf16 default: transformers accepts bf16 there.
+    assert QALossConfig(output_dir=str(tmp_path), use_cpu=True).bf16 is True
     rows = [json.loads(line) for line in (ROOT / "trl_qaloss/demo/data/train.jsonl").read_text().splitlines()[:8]]
     from datasets import Dataset
 
