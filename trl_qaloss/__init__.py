@@ -90,12 +90,12 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec):
         module = importlib.import_module(_MOVED_MODULES[spec.name])
-        self._own_spec = module.__spec__
+        spec.loader_state = module.__spec__  # the import system stamps `spec` on the module next
         return module
 
     def exec_module(self, module):
-        # The import system stamped the old name's spec on the module: it keeps its own.
-        module.__spec__ = self._own_spec
+        # The module keeps its own spec, not the old name's.
+        module.__spec__ = module.__spec__.loader_state
 
 
 if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):

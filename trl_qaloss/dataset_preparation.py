@@ -13,11 +13,10 @@ from transformers import ProcessorMixin
 from .config import QALossConfig
 from .data import format_structured
 from .data_checks import check_chat_template, check_columns, truncation_report
+from .engine.options import SEPARATOR_FIELDS
 from .engine.separators import QASeparators
 
 logger = logging.getLogger(__name__)
-
-SEPARATOR_FIELDS = ("qa_token", "answer_token", "question_end")
 
 
 def named_datasets(train_dataset, eval_dataset) -> dict:

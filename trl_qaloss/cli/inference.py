@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass
 
 from ..data import read_jsonl
 from ..demo import portable_demo_path, resolve_demo_path
+from ..engine.options import SEPARATOR_FIELDS
 from ..errors import ArgumentParser
 
 BASE_INFO_FILE = "trl_qaloss_base.json"
-SEPARATOR_FIELDS = ("qa_token", "answer_token", "question_end")
 
 
 def write_base_model_info(output_dir: str, model_args, training_args) -> None:

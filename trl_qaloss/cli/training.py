@@ -240,12 +240,9 @@ def load_datasets(script_args: QALossScriptArguments, training_args: QALossConfi
     from trl import get_dataset
 
     from ..data import format_qas_dataset, load_qa_dataset
+    from ..engine.options import SEPARATOR_FIELDS
 
-    separators = dict(
-        qa_token=training_args.qa_token,
-        answer_token=training_args.answer_token,
-        question_end=training_args.question_end,
-    )
+    separators = {name: getattr(training_args, name) for name in SEPARATOR_FIELDS}
     if dataset_args.datasets:
         dataset = get_dataset(dataset_args)
         for split in list(dataset):

@@ -11,6 +11,8 @@ ANSWER_ORDERS = ("data", "canonical", "preferred", "aligned")
 MODEL_ORDERS = ("preferred", "aligned")
 # How a batch's set sum becomes the set loss (see `reduction.py`).
 REDUCTIONS = ("mean", "sum")
+# The config fields that name the separators, in `QASeparators.from_tokenizer`'s order.
+SEPARATOR_FIELDS = ("qa_token", "answer_token", "question_end")
 # How the answer-set evaluation pairs generated items with reference items (see `metrics.answer_set_scores`).
 MATCH_QUESTIONS = ("position", "text")
 

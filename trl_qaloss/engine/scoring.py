@@ -43,16 +43,21 @@ class LogitsScorer:
         return argmax_predictions(self.logits, targets)
 
 
+def peft_base(model):
+    """`model` without its PEFT wrapper, if it has one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def accepts_logits_to_keep(model) -> bool:
     """Whether `model` (a PEFT model is read through to its base) takes `logits_to_keep` in its forward."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = peft_base(model)
     return "logits_to_keep" in inspect.signature(type(base).forward).parameters
 
 
 def backbone_and_head(model):
     """`(backbone, lm_head)` of a causal LM (a PEFT model is read through to its base), or None if it has no such
     split: a backbone that returns `last_hidden_state` and a linear head."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = peft_base(model)
     backbone = getattr(base, "base_model", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if backbone is None or backbone is base or not isinstance(getattr(head, "weight", None), torch.Tensor):
