@@ -1,7 +1,9 @@
 """Which training target gives the best answer sets? Plain SFT against the set loss and the answer orders, on the demo.
 
-    python benchmarks/set_vs_sft.py            # the full run: 7 methods x 2 tasks x 3 seeds x 2 budgets
+    python benchmarks/set_vs_sft.py            # the full run: 9 methods x 3 tasks x 3 seeds x 2 budgets
     python benchmarks/set_vs_sft.py --quick    # a few minutes: every method and task, 1 seed, a few steps
+    python benchmarks/set_vs_sft.py --model Qwen/Qwen2.5-0.5B-Instruct --data my_qa_dir --lora --learning_rate 2e-4
+                                               # your model and data: one task, LoRA instead of full fine-tuning
 
 Methods (the same model, data, seeds, optimizer, hyperparameters and steps for all):
 
@@ -14,17 +16,24 @@ Methods (the same model, data, seeds, optimizer, hyperparameters and steps for a
 | aligned | `aligned` | 0 |
 | aligned + set loss | `aligned` | 1 |
 | canonical + set loss | `canonical` | 1 |
+| canonical + set loss 0.3 | `canonical` | 0.3 |
+| canonical + set loss 0.1 | `canonical` | 0.1 |
 
 (`lambda_ce=1` for all; `lambda_set=0` trains with `SFTTrainer`'s own loss, on targets reordered by `answer_order`.)
 
-Tasks: the demo's two tasks (`trl_qaloss/demo/data`, 1-4 one-name answers per question, and
-`trl_qaloss/demo/data_hard`, 5-8 multi-token answers sharing first tokens), each 400 training and 80 held-out rows
-whose prompts name the questions to answer, in order; every answer list is in random order. Budgets: `full` steps,
-and `low` (a quarter of the steps, its own cosine schedule) where learning speed shows.
+Tasks: the demo's three tasks (`trl_qaloss/demo/data`, 1-4 one-name answers per question;
+`trl_qaloss/demo/data_hard`, 5-8 multi-token answers sharing first tokens; `trl_qaloss/demo/data_long`, 12-30 of
+them), each 400 training and 80 held-out rows whose prompts name the questions to answer, in order; every answer
+list is in random order. Or one task of your own: `--model` (a hub name or a directory) and `--data` (any dataset
+`trl-qaloss train` reads: structured rows, prompt/completion or chat; its `test` split is held out, or 10% of its
+rows, at most 200, drawn with seed 0 when it has none), with `--lora` for LoRA on every linear layer instead of full
+fine-tuning. Budgets: `full` steps, and `low` (a quarter of the steps, its own cosine schedule) where learning speed
+shows.
 
 The hyperparameters were chosen once, for plain SFT, and are used unchanged for every method (`--max_steps` etc.
-change them for all). Each run fully fine-tunes the demo's tiny pretrained Llama (`trl_qaloss/demo/model`) and, at
-evaluations spread over training, measures on the held-out rows, with the same code for every method:
+change them for all). Each run fully fine-tunes the task's pretrained model (the demo's tiny Llama,
+`trl_qaloss/demo/model`, or for the long task its 512-token twin `trl_qaloss/demo/model_long`) and, at evaluations
+spread over training, measures on the held-out rows, with the same code for every method:
 
 - answer-set metrics of greedy completions of all 80 prompts (`QASetEvalCallback`, `answer_set_scores`, questions
   paired by position): exact-set match, set-F1, duplicate rate, cardinality error;
@@ -33,7 +42,8 @@ evaluations spread over training, measures on the held-out rows, with the same c
 - the mean time of a training step (forward, loss, backward, optimizer; evaluations excluded), as a ratio to plain
   SFT's step in the same task, budget and seed.
 
-Runs go to `--workers` processes of one torch thread each. Writes `<out>.md` (a table per task and budget: mean ±
+Runs go to `--workers` processes of one torch thread each, on the CPU, or on the GPU when there is one (then use
+`--workers 1` unless several runs fit on it at once). Writes `<out>.md` (a table per task and budget: mean ±
 standard deviation over seeds and the paired difference to plain SFT), `<out>.png` (metrics over steps of the full
 budget, per method: mean line and min-max band over seeds) and `<out>.json` (every run's numbers).
 """
@@ -56,7 +66,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, T
 
 from trl_qaloss import QALossConfig, QALossSFTTrainer
 from trl_qaloss.data import load_qa_dataset
-from trl_qaloss.demo import DATA_DIR, HARD_DATA_DIR, MODEL_DIR
+from trl_qaloss.demo import DATA_DIR, HARD_DATA_DIR, LONG_DATA_DIR, LONG_MODEL_DIR, MODEL_DIR
 
 METHODS = {  # name: (answer_order, lambda_set)
     "plain SFT": ("data", 0.0),
@@ -66,18 +76,26 @@ METHODS = {  # name: (answer_order, lambda_set)
     "aligned": ("aligned", 0.0),
     "aligned + set loss": ("aligned", 1.0),
     "canonical + set loss": ("canonical", 1.0),
+    "canonical + set loss 0.3": ("canonical", 0.3),
+    "canonical + set loss 0.1": ("canonical", 0.1),
 }
 BASELINE = "plain SFT"
 
 
 @dataclass(frozen=True)
 class Task:
-    data_dir: Path
+    data: str  # a dataset `trl-qaloss train` reads: a directory, a .jsonl file or a hub name
+    model: str  # a directory or a hub name
     max_length: int  # longer than every row: nothing is truncated
     max_new_tokens: int  # room for the longest reference completion
+    cost: float = 1.0  # a run's time relative to the countries task's, so that the longest start first
 
 
-TASKS = {"countries": Task(DATA_DIR, 128, 96), "hard": Task(HARD_DATA_DIR, 192, 176)}
+TASKS = {
+    "countries": Task(str(DATA_DIR), str(MODEL_DIR), 128, 96),
+    "hard": Task(str(HARD_DATA_DIR), str(MODEL_DIR), 192, 176, cost=2.0),
+    "long": Task(str(LONG_DATA_DIR), str(LONG_MODEL_DIR), 384, 352, cost=4.0),
+}
 BUDGETS = {"full": 1.0, "low": 0.25}
 METRICS = [  # (key in a run's final numbers, label, format, plotted)
     ("eval_exact_set_match", "exact-set match", "{:.3f}", True),
@@ -99,6 +117,43 @@ class Job:
     evals: int
 
 
+def split_data(task: Task) -> tuple:
+    """`(train, held_out)` rows of `task.data`, as `trl-qaloss train` converts them (prompt and completion).
+
+    The held-out rows are its `test` split or, without one, 10% of its rows (at most 200) drawn with seed 0, the same
+    rows for every method and seed.
+    """
+    data = load_qa_dataset(task.data)  # a directory's eval.jsonl or test.jsonl is its "test" split
+    if "train" not in data:
+        raise SystemExit(f"--data {task.data}: no `train` split (it has {list(data)}).")
+    if "test" in data:
+        train, held_out = data["train"], data["test"]
+    else:
+        size = min(max(len(data["train"]) // 10, 1), 200)
+        parts = data["train"].train_test_split(test_size=size, seed=0)
+        train, held_out = parts["train"], parts["test"]
+    if not {"prompt", "completion"} <= set(train.column_names):
+        raise SystemExit(
+            f"--data {task.data}: the benchmark needs prompt and completion columns (structured rows, "
+            f"prompt/completion or chat prompt/completion), got columns {train.column_names}."
+        )
+    return train, held_out
+
+
+def prompt_completion_ids(tokenizer, row) -> tuple[list[int], list[int]]:
+    """The token ids of a row's prompt and of its completion followed by EOS, as `SFTTrainer` tokenizes them: plain
+    text as it is, chat messages through the tokenizer's chat template."""
+    if isinstance(row["prompt"], str):
+        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return prompt, completion
+    prompt_text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    return prompt, full[len(prompt) :]
+
+
 def heldout_batches(tokenizer, rows, batch_size: int) -> list[dict[str, torch.Tensor]]:
     """The held-out rows as padded `input_ids`, `attention_mask`, `labels` (completion tokens and EOS labelled).
 
@@ -108,8 +163,7 @@ def heldout_batches(tokenizer, rows, batch_size: int) -> list[dict[str, torch.Te
     for start in range(0, len(rows), batch_size):
         ids, labels = [], []
         for row in rows.select(range(start, min(start + batch_size, len(rows)))):
-            prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-            completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            prompt, completion = prompt_completion_ids(tokenizer, row)
             ids.append(torch.tensor(prompt + completion))
             labels.append(torch.tensor([-100] * len(prompt) + completion))
         input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id)
@@ -136,6 +190,7 @@ class HeldOutCrossEntropy(TrainerCallback):
         nll = tokens = 0.0
         with torch.no_grad():
             for batch in self.batches:
+                batch = {key: value.to(model.device) for key, value in batch.items()}
                 labels = batch["labels"][:, 1:]
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
                 nll += F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="sum").item()
@@ -160,12 +215,24 @@ class StepTimer(TrainerCallback):
 
 def run(job: Job, settings: dict) -> dict:
     """Train one method on one task, seed and budget; its final held-out numbers and their curves over steps."""
-    task = TASKS[job.task]
+    task = settings["tasks"][job.task]
     answer_order, lambda_set = METHODS[job.method]
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR)
-    data = load_qa_dataset(str(task.data_dir))  # splits "train" and "test" (eval.jsonl)
-    heldout = data["test"].select(range(settings["eval_rows"]))
+    tokenizer = AutoTokenizer.from_pretrained(task.model)
+    model = AutoModelForCausalLM.from_pretrained(task.model, dtype=torch.float32)
+    train, heldout = split_data(task)
+    heldout = heldout.select(range(min(settings["eval_rows"], len(heldout))))
+    peft_config = None
+    if settings["lora_r"]:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=settings["lora_r"],
+            lora_alpha=2 * settings["lora_r"],
+            lora_dropout=0.05,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+    on_gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as out_dir:
         config = QALossConfig(
             output_dir=out_dir,
@@ -190,14 +257,19 @@ def run(job: Job, settings: dict) -> dict:
             logging_steps=max(job.max_steps // 24, 1),
             save_strategy="no",
             report_to=[],
-            use_cpu=True,
-            bf16=False,
+            use_cpu=not on_gpu,
+            bf16=on_gpu and torch.cuda.is_bf16_supported(),
             activation_checkpointing=False,
             dataloader_num_workers=0,
             disable_tqdm=True,
         )
         trainer = QALossSFTTrainer(
-            model=model, args=config, train_dataset=data["train"], eval_dataset=heldout, processing_class=tokenizer
+            model=model,
+            args=config,
+            train_dataset=train,
+            eval_dataset=heldout,
+            processing_class=tokenizer,
+            peft_config=peft_config,
         )
         cross_entropy = HeldOutCrossEntropy(trainer, heldout_batches(tokenizer, heldout, 40))
         timer = StepTimer()
@@ -221,7 +293,18 @@ def run(job: Job, settings: dict) -> dict:
         f"  step {1000 * step_seconds:.0f} ms  ({seconds:.0f} s)",
         flush=True,
     )
-    return {"job": job.__dict__, "final": final, "curves": curves, "seconds": seconds}
+    parameters = {
+        "trained": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "all": sum(p.numel() for p in trainer.model.parameters()),
+    }
+    return {
+        "job": job.__dict__,
+        "final": final,
+        "curves": curves,
+        "seconds": seconds,
+        "parameters": parameters,
+        "heldout_rows": len(heldout),
+    }
 
 
 def _run_in_worker(item: tuple[Job, dict]) -> dict:
@@ -275,10 +358,12 @@ def results_table(results: list[dict], task: str, budget: str, methods: list[str
 
 def write_report(results: list[dict], args: argparse.Namespace, methods: list[str], wall: float, path: Path) -> None:
     steps = {budget: budget_steps(args.max_steps, budget) for budget in BUDGETS}
+    training = f"LoRA (r={args.lora_r}, every linear layer)" if args.lora else "Full fine-tuning"
+    model = f"`{args.model}`" if args.model else "the demo's tiny Llama"
     lines = [
         f"Held-out rows ({args.eval_rows} per task), greedy decoding, questions paired by position; mean ± standard "
         f"deviation over seeds {', '.join(map(str, args.seeds))}, and in parentheses the paired difference to plain "
-        f"SFT (same seed). Full fine-tuning of the demo's tiny Llama, batch {args.batch_size}, lr "
+        f"SFT (same seed). {training} of {model}, batch {args.batch_size}, lr "
         f"{args.learning_rate}, cosine with 5% warmup, {steps['full']} steps (full) or {steps['low']} (low budget).",
     ]
     for task in args.tasks:
@@ -329,7 +414,7 @@ def budget_steps(max_steps: int, budget: str) -> int:
     return max(int(max_steps * BUDGETS[budget]), 1)
 
 
-def make_jobs(args: argparse.Namespace, methods: list[str]) -> list[Job]:
+def make_jobs(args: argparse.Namespace, methods: list[str], tasks: dict[str, Task]) -> list[Job]:
     """Every (task, budget, seed, method) run, the longest first so the workers finish together."""
     jobs = [
         Job(task, budget, seed, method, budget_steps(args.max_steps, budget), args.evals if budget == "full" else 1)
@@ -338,7 +423,23 @@ def make_jobs(args: argparse.Namespace, methods: list[str]) -> list[Job]:
         for seed in args.seeds
         for method in methods
     ]
-    return sorted(jobs, key=lambda j: (j.task != "hard", j.budget != "full"))
+    return sorted(jobs, key=lambda j: -tasks[j.task].cost * BUDGETS[j.budget])  # stable: seeds in order
+
+
+def custom_task(args: argparse.Namespace) -> Task:
+    """The task of `--model` and `--data`: `max_length` holds its longest row and `max_new_tokens` its longest
+    held-out completion (with 10% to spare), unless given."""
+    task = Task(args.data, args.model, args.max_length or 0, args.max_new_tokens or 0)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    train, held_out = split_data(task)
+    lengths = [[len(ids) for ids in prompt_completion_ids(tokenizer, row)] for row in (*train, *held_out)]
+    longest_completion = max(c for _, c in lengths[len(train) :])
+    return Task(
+        args.data,
+        args.model,
+        args.max_length or max(p + c for p, c in lengths),
+        args.max_new_tokens or int(1.1 * longest_completion) + 1,
+    )
 
 
 def check_methods(methods: list[str]) -> None:
@@ -361,7 +462,27 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"a subset of {list(METHODS)}")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="the demo's tasks")
+    parser.add_argument(
+        "--model", default=None, help="instead of the demo's tasks: this causal LM (a hub name or a directory) ..."
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="... trained on this dataset (any dataset `trl-qaloss train` reads; its `test` split is held out, or "
+        "10%% of its rows, at most 200, drawn with seed 0)",
+    )
+    parser.add_argument("--lora", action="store_true", help="LoRA on every linear layer instead of full fine-tuning")
+    parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank (lora_alpha is twice it)")
+    parser.add_argument(
+        "--max_length", type=int, default=None, help="with --data: tokens per row (default: the longest row)"
+    )
+    parser.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=None,
+        help="with --data: tokens generated per held-out prompt (default: the longest held-out completion + 10%%)",
+    )
     parser.add_argument("--max_steps", type=int, default=480, help="steps of the full budget; the low one is 1/4")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
@@ -376,18 +497,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--report_from", type=Path, default=None, help="write the report from a <out>.runs.jsonl of finished runs"
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "set_vs_sft")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "set_vs_sft",
+        help="where <out>.md, .png, .json go (default: benchmarks/set_vs_sft, or set_vs_sft_<data name> with --data)",
+    )
     if parser.parse_known_args(argv)[0].quick:  # its sizes are defaults: flags given with --quick still win
         parser.set_defaults(
             seeds=[0], max_steps=40, evals=2, eval_rows=20, out=parser.get_default("out").with_name("set_vs_sft_quick")
         )
     args = parser.parse_args(argv)
     check_methods(args.methods)
+    if (args.model is None) != (args.data is None):
+        parser.error("--model and --data go together: a model trained on a dataset of your own.")
+    if args.lora and args.model is None:
+        parser.error("--lora needs --model and --data (the demo's tasks are measured with full fine-tuning).")
+    tasks = dict(TASKS)
+    if args.model is not None:
+        name = Path(args.data.rstrip("/")).name.removesuffix(".jsonl").removesuffix(".json") or "custom"
+        tasks = {name: custom_task(args)}
+        args.tasks = [name]
+        if args.out == parser.get_default("out"):  # the demo's own results stay as they are
+            args.out = args.out.with_name(f"set_vs_sft_{name}")
     methods = [m for m in METHODS if m in args.methods]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if len(args.seeds) < 3:
         print("note: fewer than 3 seeds; the spread is not meaningful")
-    settings = {"batch_size": args.batch_size, "learning_rate": args.learning_rate, "eval_rows": args.eval_rows}
+    settings = {
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "eval_rows": args.eval_rows,
+        "lora_r": args.lora_r if args.lora else 0,
+        "tasks": tasks,
+    }
     runs_file = args.out.with_suffix(".runs.jsonl")
     start = time.perf_counter()
     if args.report_from:  # the report of runs already done (e.g. a run cut short: its finished runs)
@@ -398,7 +541,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.resume:  # runs finished earlier (their <out>.runs.jsonl) are kept, not run again
             results = [json.loads(line) for line in args.resume.read_text().splitlines() if line.strip()]
         done = {tuple(r["job"][k] for k in ("task", "budget", "seed", "method")) for r in results}
-        jobs = [job for job in make_jobs(args, methods) if (job.task, job.budget, job.seed, job.method) not in done]
+        jobs = [
+            job for job in make_jobs(args, methods, tasks) if (job.task, job.budget, job.seed, job.method) not in done
+        ]
         # Each finished run is saved at once, so a run cut short keeps what it finished (see --report_from).
         with runs_file.open("w") as saved, multiprocessing.get_context("spawn").Pool(args.workers) as pool:
             for result in results:

@@ -160,35 +160,83 @@ def test_random_4bit_checkpoint_has_the_layout_transformers_writes_for_a_quantiz
         assert abs(weight.float().std().item() - config.initializer_range) < 0.005
 
 
-def test_set_vs_sft_benchmark_runs_every_task_and_budget_at_tiny_sizes(tmp_path):
-    """`benchmarks/set_vs_sft.py` end to end at 4 steps: both tasks, both budgets, its table, plot and JSON."""
+def run_set_vs_sft(tmp_path, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "bench"
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "set_vs_sft.py"),
-        "--quick",
-        "--max_steps",
-        "4",
-        "--eval_rows",
-        "4",
-        "--methods",
-        "plain SFT",
-        "set loss",
-        "--workers",
-        "1",
-        "--out",
-        str(out),
-    ]
+    command = [sys.executable, str(ROOT / "benchmarks" / "set_vs_sft.py"), *flags, "--out", str(tmp_path / "bench")]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_set_vs_sft_benchmark_runs_every_task_and_budget_at_tiny_sizes(tmp_path):
+    """`benchmarks/set_vs_sft.py` end to end at 4 steps: the three tasks, both budgets, its table, plot and JSON."""
+    methods = ["plain SFT", "canonical + set loss 0.1"]
+    run_set_vs_sft(tmp_path, "--quick", "--max_steps", "4", "--eval_rows", "4", "--methods", *methods, "--workers", "1")
     table = (tmp_path / "bench.md").read_text()
     for heading in ("countries, full budget (4 steps)", "countries, low budget (1 steps)", "hard, full budget"):
         assert heading in table
-    assert table.count("| plain SFT |") == 4 and table.count("| set loss |") == 4
+    assert "long, full budget (4 steps)" in table and "long, low budget (1 steps)" in table
+    assert "Full fine-tuning of the demo's tiny Llama" in table
+    assert table.count("| plain SFT |") == 6 and table.count("| canonical + set loss 0.1 |") == 6
     assert (tmp_path / "bench.png").stat().st_size > 0
     runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
-    assert len(runs) == 8  # 2 tasks x 2 budgets x 1 seed x 2 methods
+    assert len(runs) == 12  # 3 tasks x 2 budgets x 1 seed x 2 methods
     for run in runs:
         assert 0 <= run["final"]["eval_exact_set_match"] <= 1 and run["final"]["heldout_ce"] > 0
         assert run["job"]["max_steps"] == (4 if run["job"]["budget"] == "full" else 1)
+        assert run["parameters"]["trained"] == run["parameters"]["all"]  # full fine-tuning
+    # The long task trains the long base (its own 1024-token vocabulary), the others the demo's base.
+    sizes = {run["job"]["task"]: run["parameters"]["all"] for run in runs}
+    assert sizes["countries"] == sizes["hard"] != sizes["long"]
+
+
+def test_set_vs_sft_benchmark_runs_a_given_model_and_dataset_with_lora(tmp_path):
+    """`--model` and `--data` (here the demo's model and hard task, as a user would name their own) with `--lora`:
+    one task named after the data, LoRA adapters trained instead of the whole model, its held-out split measured."""
+    flags = ["--model", str(ROOT / "trl_qaloss/demo/model"), "--data", str(ROOT / "trl_qaloss/demo/data_hard")]
+    flags += ["--lora", "--lora_r", "4", "--seeds", "0", "--max_steps", "4", "--evals", "1", "--eval_rows", "3"]
+    run_set_vs_sft(tmp_path, *flags, "--methods", "plain SFT", "aligned", "--workers", "1")
+    table = (tmp_path / "bench.md").read_text()
+    assert "LoRA (r=4, every linear layer) of `" in table
+    assert "**data_hard, full budget (4 steps)**" in table and "countries" not in table and "long" not in table
+    runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
+    assert len(runs) == 4 and {run["job"]["task"] for run in runs} == {"data_hard"}
+    for run in runs:
+        assert 0 < run["parameters"]["trained"] < run["parameters"]["all"] / 10
+        assert run["final"]["heldout_ce"] > 0
+
+
+def test_set_vs_sft_benchmark_holds_out_rows_of_a_file_without_a_test_split(tmp_path):
+    """A single .jsonl (no `test` split): 10% of its rows are held out, the same for every run; full fine-tuning."""
+    rows = (ROOT / "trl_qaloss/demo/data/train.jsonl").read_text().splitlines()[:40]
+    (tmp_path / "mine.jsonl").write_text("\n".join(rows) + "\n")
+    flags = ["--model", str(ROOT / "trl_qaloss/demo/model"), "--data", str(tmp_path / "mine.jsonl")]
+    flags += ["--seeds", "0", "--max_steps", "2", "--evals", "1", "--methods", "plain SFT", "preferred"]
+    result = run_set_vs_sft(tmp_path, *flags, "--workers", "1")
+    assert "note: fewer than 3 seeds" in result.stdout
+    table = (tmp_path / "bench.md").read_text()
+    assert "**mine, full budget (2 steps)**" in table and "Full fine-tuning of `" in table
+    runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
+    assert len(runs) == 4  # 2 methods x 2 budgets
+    for run in runs:
+        assert run["parameters"]["trained"] == run["parameters"]["all"]
+    assert all(run["heldout_rows"] == 4 for run in runs)  # 10% of the 40 rows
+
+
+def test_set_vs_sft_benchmark_flags_that_need_each_other(tmp_path, capsys):
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("set_vs_sft", ROOT / "benchmarks" / "set_vs_sft.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    for argv, message in [
+        (["--model", "m"], "--model and --data go together"),
+        (["--data", "d"], "--model and --data go together"),
+        (["--lora"], "--lora needs --model and --data"),
+    ]:
+        with pytest.raises(SystemExit) as error:
+            bench.main([*argv, "--out", str(tmp_path / "x")])
+        assert error.value.code == 2 and message in capsys.readouterr().err

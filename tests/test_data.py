@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
+from tests.testing_utils import ROOT
 from trl_qaloss import QASeparators
 from trl_qaloss.data import format_qas, format_qas_dataset, load_qa_dataset
-from trl_qaloss.demo import DATA_DIR, HARD_DATA_DIR, MODEL_DIR, make_demo
+from trl_qaloss.demo import DATA_DIR, HARD_DATA_DIR, LONG_DATA_DIR, LONG_MODEL_DIR, MODEL_DIR, make_demo
 from trl_qaloss.engine.parsing import parse_row
 
 
 @pytest.fixture(scope="module")
 def demo_tokenizer():
     return AutoTokenizer.from_pretrained(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def long_tokenizer():
+    return AutoTokenizer.from_pretrained(LONG_MODEL_DIR)
 
 
 def read_back(completion: str, tokenizer) -> list[list[str]]:
@@ -26,7 +34,11 @@ def read_back(completion: str, tokenizer) -> list[list[str]]:
     return [[tokenizer.decode([tok for _, tok in answer]).strip() for answer in item] for item in items]
 
 
-TASKS = {"data": (DATA_DIR, make_demo.QUESTIONS), "data_hard": (HARD_DATA_DIR, make_demo.HARD_QUESTIONS)}
+TASKS = {  # directory: (path, questions, base model, topics per prompt)
+    "data": (DATA_DIR, make_demo.QUESTIONS, MODEL_DIR, (2, 3)),
+    "data_hard": (HARD_DATA_DIR, make_demo.HARD_QUESTIONS, MODEL_DIR, (2, 3)),
+    "data_long": (LONG_DATA_DIR, make_demo.LONG_QUESTIONS, LONG_MODEL_DIR, (1, 2)),
+}
 
 
 def demo_rows(split: str, task: str = "data") -> list[dict]:
@@ -36,16 +48,17 @@ def demo_rows(split: str, task: str = "data") -> list[dict]:
 
 @pytest.mark.parametrize("task", list(TASKS))
 @pytest.mark.parametrize("split", ["train", "eval"])
-def test_demo_rows_round_trip_through_the_parser(split, task, demo_tokenizer):
+def test_demo_rows_round_trip_through_the_parser(split, task):
+    tokenizer = AutoTokenizer.from_pretrained(TASKS[task][2])
     for i, row in enumerate(demo_rows(split, task)):
         out = format_qas(row, i)
         assert out["prompt"] == row["context"]
-        assert read_back(out["completion"], demo_tokenizer) == [qa["answers"] for qa in row["qas"]]
+        assert read_back(out["completion"], tokenizer) == [qa["answers"] for qa in row["qas"]]
 
 
 @pytest.mark.parametrize("task", list(TASKS))
 def test_demo_prompts_name_the_questions_in_order_and_eval_asks_new_combinations(task):
-    questions = TASKS[task][1]
+    questions, low, high = TASKS[task][1], *TASKS[task][3]
     train, held_out = demo_rows("train", task), demo_rows("eval", task)
     assert len(train) == 400 and len(held_out) == 80
     for row in train + held_out:
@@ -53,7 +66,7 @@ def test_demo_prompts_name_the_questions_in_order_and_eval_asks_new_combinations
         country = prefix.removeprefix("Tell me about ")
         topics = topics.replace(" and ", ", ").split(", ")
         assert [qa["question"] for qa in row["qas"]] == [questions[t].format(c=country) for t in topics]
-        assert 2 <= len(topics) <= 3
+        assert low <= len(topics) <= high
     # The prompt fixes the combination: a held-out prompt is never a training prompt.
     assert not {r["context"] for r in held_out} & {r["context"] for r in train}
     assert len({r["context"] for r in train}) == 400
@@ -91,12 +104,53 @@ def test_hard_demo_task_has_big_multi_token_answer_sets_sharing_first_tokens(dem
     assert len(shared) > 0.9 * len(goods)
 
 
+def test_long_demo_task_has_long_multi_token_answer_lists_sharing_first_tokens(long_tokenizer):
+    qas = [qa for split in ("train", "eval") for row in demo_rows(split, "data_long") for qa in row["qas"]]
+    sizes = [len(qa["answers"]) for qa in qas]
+    assert min(sizes) == 12 and max(sizes) == 30
+    assert all(len(set(qa["answers"])) == len(qa["answers"]) for qa in qas)
+    assert all(
+        len(long_tokenizer(" " + a, add_special_tokens=False)["input_ids"]) >= 2 for qa in qas for a in qa["answers"]
+    )
+    # Every list has answers sharing their first token (more answers than first words, or pools of `red ...`).
+    for qa in qas:
+        first = [first_token(long_tokenizer, a) for a in qa["answers"]]
+        assert len(set(first)) <= len(first) // 2, qa
+
+
+def test_long_demo_rows_fit_the_benchmark_and_the_base_context(long_tokenizer):
+    """Nothing is truncated: every row fits the long task's `max_length` in `benchmarks/set_vs_sft.py`, every held-out
+    completion its `max_new_tokens`, and both the base model's 512-token context."""
+    import importlib.util
+
+    from transformers import AutoConfig
+
+    spec = importlib.util.spec_from_file_location("set_vs_sft", Path(ROOT, "benchmarks", "set_vs_sft.py"))
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    task = bench.TASKS["long"]
+    assert Path(task.data) == LONG_DATA_DIR and Path(task.model) == LONG_MODEL_DIR
+    context = AutoConfig.from_pretrained(LONG_MODEL_DIR).max_position_embeddings
+    assert context == 512 and task.max_length + 1 <= context  # + the first generated token's position
+    train, held_out = bench.split_data(task)
+    for split, rows in (("train", train), ("eval", held_out)):
+        for row in rows:
+            prompt, completion = bench.prompt_completion_ids(long_tokenizer, row)
+            assert len(prompt) + len(completion) <= task.max_length, split
+            if split == "eval":
+                assert len(completion) <= task.max_new_tokens and len(prompt) + task.max_new_tokens <= context
+
+
 def test_make_demo_regenerates_the_shipped_data():
-    """The generator is deterministic: seed 0 draws exactly the shipped rows of both tasks (no pretraining needed)."""
+    """The generator is deterministic: seed 0 draws exactly the shipped rows of every task (no pretraining needed),
+    the long task from a stream of its own."""
     import random
 
     for directory, (_, _, rows) in make_demo.make_tasks(random.Random(0)).items():
         assert rows == demo_rows("train", directory) + demo_rows("eval", directory), directory
+    _, rows = make_demo.make_long_task(make_demo.long_rng(0))
+    assert rows == demo_rows("train", "data_long") + demo_rows("eval", "data_long")
 
 
 def test_round_trip_with_multi_word_answers_and_an_empty_set(tokenizer):
@@ -156,7 +210,7 @@ def test_local_jsonl_is_converted_and_bad_rows_are_named(tmp_path):
     assert dataset["train"][0]["completion"] == " <QA> q? <A> a <A> b"
 
 
-@pytest.mark.parametrize("directory", [DATA_DIR, HARD_DATA_DIR])
+@pytest.mark.parametrize("directory", [DATA_DIR, HARD_DATA_DIR, LONG_DATA_DIR])
 def test_demo_directory_loads_both_splits(directory):
     dataset = load_qa_dataset(str(directory))
     assert dataset["train"].num_rows == 400 and dataset["test"].num_rows == 80

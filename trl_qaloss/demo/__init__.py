@@ -10,6 +10,9 @@ Layout (made by `python -m trl_qaloss.demo.make_demo`, deterministic given its s
   and their order, each answer list in random order; the eval rows ask question combinations no train row asks;
 - `data_hard/train.jsonl`, `data_hard/eval.jsonl`: a harder task of the same form, 5-8 multi-token answers per
   question, many sharing their first tokens (`new abo`, `new kel`, `lake ...`);
+- `data_long/train.jsonl`, `data_long/eval.jsonl`: long lists about a world of its own, 12-30 multi-token answers
+  per question, 1-2 questions per prompt; `model_long/`: its base, the same tiny Llama with a 512-token context and
+  its own tokenizer, pretrained on the long task's facts;
 - `demo-cpu.yaml`: the default recipe, a copy of `recipes/demo-cpu.yaml`.
 
 Recipes name these files as `trl_qaloss/demo/...`; `resolve_demo_path` finds them inside the installed package.
@@ -24,6 +27,8 @@ DEMO_DIR = Path(__file__).resolve().parent
 MODEL_DIR = DEMO_DIR / "model"
 DATA_DIR = DEMO_DIR / "data"
 HARD_DATA_DIR = DEMO_DIR / "data_hard"
+LONG_DATA_DIR = DEMO_DIR / "data_long"
+LONG_MODEL_DIR = DEMO_DIR / "model_long"
 DEFAULT_RECIPE = DEMO_DIR / "demo-cpu.yaml"
 PREFIX = "trl_qaloss/demo/"
 

@@ -11,13 +11,20 @@ so the order of the answers carries no information: exactly where the set loss d
 - `data_hard/`: towns (`new abo`, `port abo`, ...), peaks (`mount ...`), lakes (`lake ...`) and exported goods (`red
   wine`, `red clay`, ...): 5-8 answers of several tokens each, many sharing their first tokens, so the order of the
   answers and their shared prefixes both matter.
+- `data_long/`: long lists, about a world of its own (16 countries): towns, peaks, lakes, goods, birds and trees,
+  12-30 answers of several tokens each, many sharing their first tokens; each prompt names 1-2 topics, so a row
+  holds up to 60 answers (at most 279 tokens). With 20 answers the model must know which answer comes first before
+  writing any: where the order of the training target should matter most.
 
 Each task draws 480 distinct (country, ordered topics) combinations: the first 400 are `train.jsonl`, the last 80
 `eval.jsonl`, so every held-out row is a question combination not in the training rows, with its own answer order.
 
 The base model: LoRA on a randomly initialized model learns little, so the generator pretrains the tiny Llama
 (full fine-tuning, fp32; 10 min of CPU time, 22 min on 2 cores shared with other jobs) on the facts of both tasks
-written as plain text (`which rivers flow through valdor? oru and pell.`), never in the `<QA>`/`<A>` format. The
+written as plain text (`which rivers flow through valdor? oru and pell.`), never in the `<QA>`/`<A>` format.
+The long task has a base of its own (`model_long/`, the same architecture with a 512-token context and its own
+tokenizer), pretrained the same way on its facts; `--part long` makes only the long task and its base, `--part
+demo` only the others. The
 demo's QLoRA run then has to learn the structured format and give each answer set in it, as a real instruct
 fine-tune would.
 The held-out rows ask about the same countries: they measure how well the facts and the format were learned, not
@@ -56,6 +63,28 @@ GOODS = [
     for a in ("red", "dry", "raw", "fine", "black", "salt")
     for b in ("wine", "tea", "fish", "figs", "silk", "wool", "clay", "rice")
 ]
+LONG_COUNTRIES = 16
+LONG_ANSWERS = (12, 30)  # answers per question of the long task
+LONG_TOPICS_PER_ROW = (1, 2)  # 16 countries x (6 + 6 * 5) ordered topic choices = 576 >= 480 distinct rows
+LONG_QUESTIONS = {
+    "towns": "which towns are in {c}?",
+    "peaks": "which peaks rise in {c}?",
+    "lakes": "which lakes lie in {c}?",
+    "goods": "which goods does {c} export?",
+    "birds": "which birds nest in {c}?",
+    "trees": "which trees grow in {c}?",
+}
+LONG_TOWN_PREFIXES = ["new", "port", "san", "upper", "old", "east"]
+BIRDS = [
+    f"{a} {b}"
+    for a in ("red", "grey", "black", "white", "long", "sea")
+    for b in ("kite", "owl", "finch", "crow", "hawk", "tern", "wren", "gull")
+]
+TREES = [
+    f"{a} {b}"
+    for a in ("red", "white", "black", "dwarf", "sweet", "silver")
+    for b in ("oak", "pine", "ash", "elm", "fir", "yew", "birch", "beech")
+]
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<eos>", "<QA>", "<A>"]
 MODEL_CONFIG = dict(
     hidden_size=128,
@@ -66,6 +95,7 @@ MODEL_CONFIG = dict(
     max_position_embeddings=256,
     tie_word_embeddings=False,
 )
+LONG_MODEL_CONFIG = {**MODEL_CONFIG, "max_position_embeddings": 512}
 
 
 def make_names(rng: random.Random, count: int, taken: set[str]) -> list[str]:
@@ -119,15 +149,40 @@ def make_hard_world(world: dict, rng: random.Random) -> dict[str, dict[str, list
     return hard
 
 
-def make_rows(world: dict, questions: dict[str, str], rng: random.Random, count: int) -> list[dict]:
-    """`count` rows about distinct (country, ordered topics) combinations, 2-3 topics each, answers shuffled.
+def make_long_world(rng: random.Random) -> dict[str, dict[str, list[str]]]:
+    """`{country: {topic: [answers]}}` of the long task: its own `LONG_COUNTRIES` countries, 12-30 answers per topic.
+
+    As in the hard task, towns, peaks and lakes share a few first words (`new abo`, `mount ...`, `lake ...`), and
+    goods, birds and trees are drawn from shared lists of two-word names (`red kite`, `red owl`, `grey kite`).
+    """
+    taken = set()
+    countries = make_names(rng, LONG_COUNTRIES, taken)
+    world = {}
+    for c in countries:
+        sizes = {topic: rng.randint(*LONG_ANSWERS) for topic in LONG_QUESTIONS}
+        world[c] = {
+            "towns": [f"{rng.choice(LONG_TOWN_PREFIXES)} {n}" for n in make_names(rng, sizes["towns"], taken)],
+            "peaks": [f"mount {n}" for n in make_names(rng, sizes["peaks"], taken)],
+            "lakes": [f"lake {n}" for n in make_names(rng, sizes["lakes"], taken)],
+            "goods": rng.sample(GOODS, sizes["goods"]),
+            "birds": rng.sample(BIRDS, sizes["birds"]),
+            "trees": rng.sample(TREES, sizes["trees"]),
+        }
+    return world
+
+
+def make_rows(
+    world: dict, questions: dict[str, str], rng: random.Random, count: int, topics_per_row: tuple[int, int] = (2, 3)
+) -> list[dict]:
+    """`count` rows about distinct (country, ordered topics) combinations, `topics_per_row` topics each (inclusive
+    bounds), answers shuffled.
 
     The prompt names the topics in the order the completion asks them: `Tell me about valdor: its rivers and ruler.`
     """
     rows, seen = [], set()
     while len(rows) < count:
         country = rng.choice(sorted(world))
-        topics = tuple(rng.sample(sorted(questions), rng.randint(2, 3)))
+        topics = tuple(rng.sample(sorted(questions), rng.randint(*topics_per_row)))
         if (country, topics) in seen:
             continue
         seen.add((country, topics))
@@ -146,13 +201,16 @@ def join(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def fact_paragraph(world: dict, questions: dict[str, str], country: str, rng: random.Random) -> str:
-    """All facts about one country as plain questions and answers, in random order, each list shuffled.
+def fact_paragraph(
+    world: dict, questions: dict[str, str], country: str, rng: random.Random, topics: int | None = None
+) -> str:
+    """The facts about one country (all topics, or `topics` of them drawn at random) as plain questions and answers,
+    in random order, each list shuffled.
 
     `which rivers flow through valdor? oru and pell. who rules valdor? ilsa. ...`: the base model learns the facts
     and the questions, never the `<QA>`/`<A>` format.
     """
-    topics = rng.sample(sorted(questions), len(questions))
+    topics = rng.sample(sorted(questions), topics or len(questions))
     facts = world[country]
     return " ".join(f"{questions[t].format(c=country)} {join(rng.sample(facts[t], len(facts[t])))}." for t in topics)
 
@@ -180,16 +238,24 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, **tokenizer_kwargs):
     )
 
 
-def make_tokenizer(texts: list[str]):
-    return train_bpe_tokenizer(texts, vocab_size=768, model_max_length=256)
+def make_tokenizer(texts: list[str], vocab_size: int = 768, model_max_length: int = 256):
+    return train_bpe_tokenizer(texts, vocab_size=vocab_size, model_max_length=model_max_length)
 
 
 def pretrain(
-    worlds: list[tuple[dict, dict]], tokenizer, rng: random.Random, seed: int, steps: int, batch_size: int = 32
+    worlds: list[tuple[dict, dict]],
+    tokenizer,
+    rng: random.Random,
+    seed: int,
+    steps: int,
+    batch_size: int = 32,
+    model_config: dict = MODEL_CONFIG,
+    topics_per_text: int | None = None,
 ):
     """Full fine-tuning of a fresh tiny Llama on plain-text fact paragraphs (causal LM loss).
 
-    `worlds`: `(facts, questions)` of each task; every paragraph is about one country of one task, drawn at random.
+    `worlds`: `(facts, questions)` of each task; every paragraph is about one country of one task, drawn at random,
+    with all its topics or `topics_per_text` of them.
     """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -200,7 +266,7 @@ def pretrain(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        **MODEL_CONFIG,
+        **model_config,
     )
     model = AutoModelForCausalLM.from_config(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -210,7 +276,8 @@ def pretrain(
         texts = []
         for _ in range(batch_size):
             facts, questions = rng.choice(worlds)
-            texts.append(fact_paragraph(facts, questions, rng.choice(sorted(facts)), rng) + tokenizer.eos_token)
+            country = rng.choice(sorted(facts))
+            texts.append(fact_paragraph(facts, questions, country, rng, topics_per_text) + tokenizer.eos_token)
         batch = tokenizer(texts, padding=True, return_tensors="pt")
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
@@ -227,29 +294,79 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    parser.add_argument("--pretrain_steps", type=int, default=400)
+    parser.add_argument("--pretrain_steps", type=int, default=400, help="of the demo's base (`model/`)")
+    parser.add_argument("--long_pretrain_steps", type=int, default=LONG_PRETRAIN_STEPS, help="of `model_long/`")
+    parser.add_argument(
+        "--part",
+        choices=["all", "demo", "long"],
+        default="all",
+        help="demo: `data/`, `data_hard/` and `model/`; long: `data_long/` and `model_long/`",
+    )
     args = parser.parse_args(argv)
+    if args.part in ("all", "demo"):
+        make_demo_part(args.seed, args.out, args.pretrain_steps)
+    if args.part in ("all", "long"):
+        make_long_part(args.seed, args.out, args.long_pretrain_steps)
 
-    rng = random.Random(args.seed)
-    tasks = make_tasks(rng)
+
+def make_demo_part(seed: int, out: Path, pretrain_steps: int) -> None:
+    """`data/`, `data_hard/` and their base `model/`."""
     from trl_qaloss.data import format_qas
 
+    rng = random.Random(seed)
+    tasks = make_tasks(rng)
     texts = []
     for directory, (facts, questions, rows) in tasks.items():
-        write_split(args.out / directory, "train", rows[:NUM_TRAIN])
-        write_split(args.out / directory, "eval", rows[NUM_TRAIN:])
+        write_split(out / directory, "train", rows[:NUM_TRAIN])
+        write_split(out / directory, "eval", rows[NUM_TRAIN:])
         texts += [fact_paragraph(facts, questions, c, rng) for c in sorted(facts) for _ in range(5)]
         texts += [r["prompt"] + r["completion"] for r in (format_qas(row, i) for i, row in enumerate(rows[:NUM_TRAIN]))]
     tokenizer = make_tokenizer(texts)
     worlds = [(facts, questions) for facts, questions, _ in tasks.values()]
-    model = pretrain(worlds, tokenizer, rng, args.seed, args.pretrain_steps)
-    model_dir = args.out / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    print(
-        f"wrote {NUM_TRAIN} train and {NUM_EVAL} eval rows of each task ({', '.join(tasks)}), the tokenizer and the "
-        f"model to {args.out}"
+    model = pretrain(worlds, tokenizer, rng, seed, pretrain_steps)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    print(f"wrote {NUM_TRAIN} train and {NUM_EVAL} eval rows of each task ({', '.join(tasks)}) and their base to {out}")
+
+
+LONG_PRETRAIN_STEPS = 1600
+
+
+def long_rng(seed: int) -> random.Random:
+    """The long task's own stream, so that adding it left the other tasks' draws (and their base) unchanged."""
+    return random.Random(f"long-{seed}")
+
+
+def make_long_task(rng: random.Random) -> tuple[dict, list[dict]]:
+    """`(facts, rows)` of the long task; the first `NUM_TRAIN` rows train, the rest eval."""
+    world = make_long_world(rng)
+    return world, make_rows(world, LONG_QUESTIONS, rng, NUM_TRAIN + NUM_EVAL, LONG_TOPICS_PER_ROW)
+
+
+def make_long_part(seed: int, out: Path, pretrain_steps: int) -> None:
+    """`data_long/` and its base `model_long/`: the tiny Llama with a 512-token context, pretrained on the long
+    task's facts two topics at a time (a paragraph of all six would be up to 700 tokens)."""
+    from trl_qaloss.data import format_qas
+
+    rng = long_rng(seed)
+    world, rows = make_long_task(rng)
+    write_split(out / "data_long", "train", rows[:NUM_TRAIN])
+    write_split(out / "data_long", "eval", rows[NUM_TRAIN:])
+    texts = [fact_paragraph(world, LONG_QUESTIONS, c, rng) for c in sorted(world) for _ in range(5)]
+    texts += [r["prompt"] + r["completion"] for r in (format_qas(row, i) for i, row in enumerate(rows[:NUM_TRAIN]))]
+    tokenizer = make_tokenizer(texts, vocab_size=1024, model_max_length=512)
+    model = pretrain(
+        [(world, LONG_QUESTIONS)],
+        tokenizer,
+        rng,
+        seed,
+        pretrain_steps,
+        model_config=LONG_MODEL_CONFIG,
+        topics_per_text=2,
     )
+    model.save_pretrained(out / "model_long")
+    tokenizer.save_pretrained(out / "model_long")
+    print(f"wrote {NUM_TRAIN} train and {NUM_EVAL} eval rows of the long task and its base to {out}")
 
 
 def make_tasks(rng: random.Random) -> dict[str, tuple[dict, dict[str, str], list[dict]]]:
