@@ -66,7 +66,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, T
 
 from trl_qaloss import QALossConfig, QALossSFTTrainer
 from trl_qaloss.data import load_qa_dataset
-from trl_qaloss.demo import DATA_DIR, HARD_DATA_DIR, LONG_DATA_DIR, LONG_MODEL_DIR, MODEL_DIR
+from trl_qaloss.demo import DATA_DIR, HARD_DATA_DIR, LONG_DATA_DIR, LONG_MODEL_DIR, MODEL_DIR, resolve_demo_path
 
 METHODS = {  # name: (answer_order, lambda_set)
     "plain SFT": ("data", 0.0),
@@ -515,6 +515,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--lora needs --model and --data (the demo's tasks are measured with full fine-tuning).")
     tasks = dict(TASKS)
     if args.model is not None:
+        args.model, args.data = resolve_demo_path(args.model), resolve_demo_path(args.data)
         name = Path(args.data.rstrip("/")).name.removesuffix(".jsonl").removesuffix(".json") or "custom"
         tasks = {name: custom_task(args)}
         args.tasks = [name]

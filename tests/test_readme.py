@@ -7,6 +7,8 @@ user would run them after cloning: `bash` blocks command by command, `python` bl
 - a Hugging Face Hub model name (`HUB_MODELS`), in a block or in a recipe the block names, is replaced by the demo's
   model, since the tests run offline;
 - the input files the README asks the reader to bring (`qa.jsonl`, `my.jsonl`, `prompts.jsonl`) are written first;
+- a `benchmarks/set_vs_sft.py` command runs with `BENCHMARK_SIZES` appended (flags given later win), so that it
+  measures 2 methods at 2 steps instead of the full comparison;
 - `pip install ...` is what `.ci/run` has just done before the tests run (the test checks that each names this project
   or the pinned CPU torch, and does not repeat it offline), and `python -m pytest -q` is the run this test belongs
   to: both are checked against `.ci/run` instead of being run again.
@@ -37,6 +39,7 @@ DEMO_MODEL = "trl_qaloss/demo/model"  # the demo's model, as recipes name it (re
 DEMO_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "train.jsonl").read_text().splitlines()
 EVAL_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "eval.jsonl").read_text().splitlines()
 CI_COMMANDS = [line.strip() for line in Path(ROOT, ".ci", "run").read_text().splitlines() if line.startswith("python3")]
+BENCHMARK_SIZES = ' --seeds 0 --max_steps 2 --evals 1 --eval_rows 2 --methods "plain SFT" canonical'
 COPY_IGNORED = shutil.ignore_patterns(
     ".git", "outputs", "runs", "gpu-check", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", "build", "dist"
 )
@@ -87,6 +90,11 @@ def check_ci_command(command: str) -> bool:
         assert "python3 " + " ".join(words[1:]) in CI_COMMANDS, CI_COMMANDS
         return True
     return False
+
+
+def sized(command: str) -> str:
+    """`command`, with `BENCHMARK_SIZES` appended if it runs the answer-set benchmark."""
+    return command + BENCHMARK_SIZES if "benchmarks/set_vs_sft.py" in command else command
 
 
 def expected_prints(code: str) -> list[str]:
@@ -140,7 +148,7 @@ def readme_run(tmp_path_factory):
     for number, (language, code) in enumerate(readme_blocks()):
         if language == "bash":
             outputs = [
-                run(["bash", "-c", command], repo, env, f"README block {number}: {command}")
+                run(["bash", "-c", sized(swap_hub_models(command))], repo, env, f"README block {number}: {command}")
                 for command in shell_commands(code)
                 if not check_ci_command(command)
             ]
