@@ -11,7 +11,7 @@ import warnings
 import pytest
 from trl import SFTConfig
 
-from tests.testing_utils import DEMO_RECIPE, config_values, tiny_llama
+from tests.testing_utils import DEMO_RECIPE, SHORT_RUN, config_values, error_lines, run_cli, tiny_llama
 from trl_qaloss import QALossConfig
 from trl_qaloss.cli.training import parse_args
 from trl_qaloss.compat import SettingsCheck, checkpointing_arguments, installed_versions, is_checkpointing
@@ -113,3 +113,18 @@ def test_a_model_that_cannot_checkpoint_is_refused_when_the_trainer_is_made(tmp_
     # turned off, the same model trains
     args = qa_config(tmp_path, **checkpointing_arguments(False))
     QALossSFTTrainer(model=model, args=args, train_dataset=qa_dataset(8), processing_class=tokenizer).train()
+
+
+def test_an_fsdp_launch_that_accelerate_runs_unsharded_stops_at_start_up(tmp_path):
+    """An FSDP config launched where accelerate cannot shard with FSDP (a CPU) would train every process on the whole
+    model: `train` stops before the first step and says so, naming the releases and the fix."""
+    result = run_cli(
+        "train", "--config", DEMO_RECIPE, *SHORT_RUN, "--output_dir", str(tmp_path / "out"),
+        cwd=tmp_path,
+        env={"ACCELERATE_USE_FSDP": "true", "ACCELERATE_USE_CPU": "true"},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    [line] = error_lines(result.stderr)
+    assert "asks for FSDP (ACCELERATE_USE_FSDP=true), but accelerate did not turn it on" in line
+    assert "accelerate 1." in line and "recipes/accelerate/zero3-qlora.yaml" in line
+    assert not (tmp_path / "out" / "checkpoint-1").exists()

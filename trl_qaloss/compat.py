@@ -14,6 +14,7 @@ and `TrainerCallback`, and `errors.py`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from importlib import metadata
 
 from transformers import TrainerCallback, TrainingArguments
@@ -39,6 +40,20 @@ def installed_versions(packages=VERSIONED_PACKAGES) -> str:
         except metadata.PackageNotFoundError:
             continue
     return ", ".join(found)
+
+
+def check_fsdp_took_effect(fsdp_enabled: bool, distributed_type) -> None:
+    """Stops at start-up when `accelerate launch` asked for FSDP (its config sets `ACCELERATE_USE_FSDP`) but
+    accelerate did not turn it on: accelerate runs its FSDP plugin only on GPUs or other accelerators, and on CPUs
+    (`use_cpu`, `ACCELERATE_USE_CPU`) it would otherwise train unsharded, every process holding the whole model."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") and not fsdp_enabled:
+        raise UsageError(
+            f"The launch asks for FSDP (ACCELERATE_USE_FSDP=true), but accelerate did not turn it on (distributed "
+            f"type {getattr(distributed_type, 'value', distributed_type)}; {installed_versions(('accelerate',))}): "
+            "accelerate shards with FSDP only on GPUs or other accelerators, so every process would hold the whole "
+            "model. On CPUs launch with recipes/accelerate/zero3-qlora.yaml (DeepSpeed ZeRO-3 shards on CPUs) or "
+            "recipes/accelerate/ddp.yaml; on GPUs, check that each process sees one."
+        )
 
 
 def resolve_checkpointing_names(args) -> None:

@@ -12,7 +12,7 @@ from trl.trainer.utils import create_model_from_path
 
 from .callbacks import QASetEvalCallback
 from .checkpoints import resolve_resume_checkpoint
-from .compat import SettingsCheck
+from .compat import SettingsCheck, check_fsdp_took_effect
 from .config import QALossConfig, as_qaloss_config, reads_items
 from .data_checks import check_set_targets
 from .dataset_preparation import (
@@ -122,6 +122,7 @@ class QALossSFTTrainer(SFTTrainer):
             peft_config=peft_config,
             **kwargs,
         )
+        check_fsdp_took_effect(self.is_fsdp_enabled, self.accelerator.distributed_type)
         self.separators = None
         if reads_items(args):
             self.separators = QASeparators.from_tokenizer(
