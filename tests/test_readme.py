@@ -166,6 +166,7 @@ def test_every_code_block_runs_as_written(readme_run):
     assert (repo / "outputs" / "demo-cpu" / "adapter_model.safetensors").is_file()  # the quickstart's demo
     assert (repo / "outputs" / "my-qa" / "adapter_model.safetensors").is_file()  # the own-data command
     assert (repo / "completions.jsonl").is_file() and (repo / "qwen-qaloss").is_dir()
+    assert "LoRA (r=16, every linear layer)" in (repo / "benchmarks" / "set_vs_sft_my.md").read_text()
 
 
 def test_python_blocks_print_what_their_comments_say(readme_run):
