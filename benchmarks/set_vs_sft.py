@@ -457,8 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a few minutes: seed 0, 40 steps (10 low), 2 evaluations of 20 held-out rows, "
-        "written to set_vs_sft_quick.*",
+        help="a few minutes: seed 0, 20 steps (5 low), 1 evaluation of 10 held-out rows, written to set_vs_sft_quick.*",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"a subset of {list(METHODS)}")
@@ -505,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if parser.parse_known_args(argv)[0].quick:  # its sizes are defaults: flags given with --quick still win
         parser.set_defaults(
-            seeds=[0], max_steps=40, evals=2, eval_rows=20, out=parser.get_default("out").with_name("set_vs_sft_quick")
+            seeds=[0], max_steps=20, evals=1, eval_rows=10, out=parser.get_default("out").with_name("set_vs_sft_quick")
         )
     args = parser.parse_args(argv)
     check_methods(args.methods)
