@@ -359,7 +359,7 @@ def results_table(results: list[dict], task: str, budget: str, methods: list[str
 def write_report(results: list[dict], args: argparse.Namespace, methods: list[str], wall: float, path: Path) -> None:
     steps = {budget: budget_steps(args.max_steps, budget) for budget in BUDGETS}
     training = f"LoRA (r={args.lora_r}, every linear layer)" if args.lora else "Full fine-tuning"
-    model = f"`{args.model}`" if args.model else "the demo's tiny Llama"
+    model = f"`{args.model}`" if args.model else "the demo's tiny Llama (for the long task its 512-token twin)"
     lines = [
         f"Held-out rows ({args.eval_rows} per task), greedy decoding, questions paired by position; mean ± standard "
         f"deviation over seeds {', '.join(map(str, args.seeds))}, and in parentheses the paired difference to plain "
