@@ -224,3 +224,21 @@ def test_trl_formats_pass_through_and_unknown_columns_fail():
     assert format_qas_dataset(rows) is rows
     with pytest.raises(ValueError, match=r'columns \["question"\]'):
         format_qas_dataset(Dataset.from_list([{"question": "q"}]))
+
+
+def test_every_demo_asset_is_package_data():
+    """Every file of the offline demo (models, tokenizers, data, recipe) matches a `package-data` pattern of
+    pyproject.toml, so that `pip install` ships it and `trl_qaloss/demo/...` paths resolve in any install."""
+    import fnmatch
+
+    import tomllib
+
+    pyproject = tomllib.loads((Path(ROOT) / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["trl_qaloss.demo"]
+    demo = Path(ROOT) / "trl_qaloss" / "demo"
+    assets = [
+        p.relative_to(demo).as_posix() for p in demo.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
+    ]
+    assert {"model_long/model.safetensors", "data_long/train.jsonl", "data_hard/eval.jsonl"} <= set(assets)
+    missing = [a for a in assets if not any(fnmatch.fnmatch(a, pattern) for pattern in patterns)]
+    assert not missing, f"add to [tool.setuptools.package-data] in pyproject.toml: {missing}"
