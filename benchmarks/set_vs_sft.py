@@ -166,7 +166,8 @@ def heldout_batches(tokenizer, rows, batch_size: int) -> list[dict[str, torch.Te
             prompt, completion = prompt_completion_ids(tokenizer, row)
             ids.append(torch.tensor(prompt + completion))
             labels.append(torch.tensor([-100] * len(prompt) + completion))
-        input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=pad_id)
         batches.append(
             {
                 "input_ids": input_ids,
@@ -472,7 +473,9 @@ def main(argv: list[str] | None = None) -> None:
         "10%% of its rows, at most 200, drawn with seed 0)",
     )
     parser.add_argument("--lora", action="store_true", help="LoRA on every linear layer instead of full fine-tuning")
-    parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank (lora_alpha is twice it)")
+    parser.add_argument(
+        "--lora_r", type=int, default=None, help="with --lora: LoRA rank (default 16; alpha is twice it)"
+    )
     parser.add_argument(
         "--max_length", type=int, default=None, help="with --data: tokens per row (default: the longest row)"
     )
@@ -512,6 +515,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--model and --data go together: a model trained on a dataset of your own.")
     if args.lora and args.model is None:
         parser.error("--lora needs --model and --data (the demo's tasks are measured with full fine-tuning).")
+    if args.lora_r is not None and not args.lora:
+        parser.error("--lora_r is the rank of --lora: add --lora, or drop --lora_r.")
+    if args.model is None and (args.max_length or args.max_new_tokens):
+        parser.error("--max_length and --max_new_tokens size a task of your own: add --model and --data.")
+    args.lora_r = args.lora_r or 16
     tasks = dict(TASKS)
     if args.model is not None:
         args.model, args.data = resolve_demo_path(args.model), resolve_demo_path(args.data)

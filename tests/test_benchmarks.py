@@ -236,6 +236,8 @@ def test_set_vs_sft_benchmark_flags_that_need_each_other(tmp_path, capsys):
         (["--model", "m"], "--model and --data go together"),
         (["--data", "d"], "--model and --data go together"),
         (["--lora"], "--lora needs --model and --data"),
+        (["--model", "m", "--data", "d", "--lora_r", "8"], "--lora_r is the rank of --lora"),
+        (["--max_length", "64"], "--max_length and --max_new_tokens size a task of your own"),
     ]:
         with pytest.raises(SystemExit) as error:
             bench.main([*argv, "--out", str(tmp_path / "x")])
