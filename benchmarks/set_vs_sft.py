@@ -357,7 +357,9 @@ def results_table(results: list[dict], task: str, budget: str, methods: list[str
     return lines
 
 
-def write_report(results: list[dict], args: argparse.Namespace, methods: list[str], wall: float, path: Path) -> None:
+def write_report(
+    results: list[dict], args: argparse.Namespace, methods: list[str], wall: float, ran_now: int, path: Path
+) -> None:
     steps = {budget: budget_steps(args.max_steps, budget) for budget in BUDGETS}
     training = f"LoRA (r={args.lora_r}, every linear layer)" if args.lora else "Full fine-tuning"
     model = f"`{args.model}`" if args.model else "the demo's tiny Llama (for the long task its 512-token twin)"
@@ -371,14 +373,24 @@ def write_report(results: list[dict], args: argparse.Namespace, methods: list[st
         for budget in BUDGETS:
             lines += ["", f"**{task}, {budget} budget ({steps[budget]} steps)**", ""]
             lines += results_table(results, task, budget, methods)
-    run_times = [r["seconds"] for r in results]
-    lines += [
-        "",
-        f"Wall time: {wall / 60:.1f} min for {len(results)} runs on {args.workers} worker processes "
-        f"({statistics.mean(run_times):.0f} s per run on average, training and evaluations).",
-    ]
+    lines += ["", runtime_line(results, ran_now, wall, args.workers)]
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def runtime_line(results: list[dict], ran_now: int, wall: float, workers: int) -> str:
+    """How long the runs took: this invocation's wall time for the runs it made, and every run's own time."""
+    if ran_now:
+        line = f"Wall time: {wall / 60:.1f} min for the {ran_now} runs made by this invocation on {workers} workers"
+        if len(results) > ran_now:
+            line += f"; {len(results) - ran_now} runs kept from an earlier file (`--resume`)"
+    else:
+        line = f"Written from {len(results)} finished runs (`--report_from`)"
+    run_times = [r["seconds"] for r in results]
+    return (
+        f"{line}. Training and evaluations of all {len(results)} runs: {sum(run_times) / 60:.0f} min of worker time "
+        f"({statistics.mean(run_times):.0f} s per run on average)."
+    )
 
 
 def plot(results: list[dict], methods: list[str], args: argparse.Namespace, path: Path) -> None:
@@ -540,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
         "tasks": tasks,
     }
     runs_file = args.out.with_suffix(".runs.jsonl")
-    start = time.perf_counter()
+    start, ran_now = time.perf_counter(), 0
     if args.report_from:  # the report of runs already done (e.g. a run cut short: its finished runs)
         results = [json.loads(line) for line in args.report_from.read_text().splitlines() if line.strip()]
         methods = [m for m in methods if any(r["job"]["method"] == m for r in results)]
@@ -560,14 +572,21 @@ def main(argv: list[str] | None = None) -> None:
                 results.append(result)
                 saved.write(json.dumps(result) + "\n")
                 saved.flush()
+                ran_now += 1
     wall = time.perf_counter() - start
     add_step_time_ratios(results)
     args.out.with_suffix(".json").write_text(
         json.dumps(
-            {"args": {k: str(v) for k, v in vars(args).items()}, "wall_seconds": wall, "runs": results}, indent=1
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "wall_seconds": wall,
+                "ran_now": ran_now,
+                "runs": results,
+            },
+            indent=1,
         )
     )
-    write_report(results, args, methods, wall, args.out.with_suffix(".md"))
+    write_report(results, args, methods, wall, ran_now, args.out.with_suffix(".md"))
     plot(results, methods, args, args.out.with_suffix(".png"))
     print(f"wrote {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')} and {args.out.with_suffix('.json')}")
 

@@ -181,6 +181,7 @@ def test_set_vs_sft_benchmark_runs_every_task_and_budget_at_tiny_sizes(tmp_path)
     assert (tmp_path / "bench.png").stat().st_size > 0
     runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
     assert len(runs) == 12  # 3 tasks x 2 budgets x 1 seed x 2 methods
+    assert "for the 12 runs made by this invocation on 1 workers. Training and evaluations of all 12 runs" in table
     for run in runs:
         assert 0 <= run["final"]["eval_exact_set_match"] <= 1 and run["final"]["heldout_ce"] > 0
         assert run["job"]["max_steps"] == (4 if run["job"]["budget"] == "full" else 1)
