@@ -310,21 +310,21 @@ def run(job: Job, settings: dict) -> dict:
 
 def _run_in_worker(item: tuple[Job, dict]) -> dict:
     torch.set_num_threads(1)  # the tiny model runs fastest on one thread; the workers share the cores
-    # Step times compare only within a machine (see add_step_time_ratios).
-    return {**run(*item), "machine": platform.node()}
+    # Step times compare only within one invocation on one machine (see add_step_time_ratios).
+    return {**run(*item), "machine": platform.node(), "invocation": item[1]["invocation"]}
 
 
 def add_step_time_ratios(results: list[dict]) -> None:
-    """`step_time_ratio`: a run's mean step time over plain SFT's in the same task, budget and seed, on the same
-    machine (NaN, left out of the means, when the two ran on different machines)."""
-    baseline = {
-        (r["job"]["task"], r["job"]["budget"], r["job"]["seed"], r.get("machine")): r["final"]["step_seconds"]
-        for r in results
-        if r["job"]["method"] == BASELINE
-    }
+    """`step_time_ratio`: a run's mean step time over plain SFT's in the same task, budget and seed, made by the same
+    invocation on the same machine (NaN, left out of the means, otherwise: the load and the machine can differ)."""
+
+    def same_conditions(r: dict) -> tuple:
+        return (r["job"]["task"], r["job"]["budget"], r["job"]["seed"], r.get("machine"), r.get("invocation"))
+
+    baseline = {same_conditions(r): r["final"]["step_seconds"] for r in results if r["job"]["method"] == BASELINE}
     for r in results:
-        key = (r["job"]["task"], r["job"]["budget"], r["job"]["seed"], r.get("machine"))
-        r["final"]["step_time_ratio"] = r["final"]["step_seconds"] / baseline[key] if key in baseline else float("nan")
+        seconds = baseline.get(same_conditions(r))
+        r["final"]["step_time_ratio"] = r["final"]["step_seconds"] / seconds if seconds else float("nan")
 
 
 def mean_std(values: list[float], fmt: str, signed: bool = False) -> str:
@@ -550,6 +550,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval_rows": args.eval_rows,
         "lora_r": args.lora_r if args.lora else 0,
         "tasks": tasks,
+        "invocation": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     runs_file = args.out.with_suffix(".runs.jsonl")
     start, ran_now = time.perf_counter(), 0
