@@ -140,13 +140,21 @@ def make_hard_world(world: dict, rng: random.Random) -> dict[str, dict[str, list
     hard = {}
     for c in world:
         sizes = {topic: rng.randint(*HARD_ANSWERS) for topic in HARD_QUESTIONS}
-        hard[c] = {
-            "towns": [f"{rng.choice(TOWN_PREFIXES)} {n}" for n in make_names(rng, sizes["towns"], taken)],
-            "peaks": [f"mount {n}" for n in make_names(rng, sizes["peaks"], taken)],
-            "lakes": [f"lake {n}" for n in make_names(rng, sizes["lakes"], taken)],
-            "goods": rng.sample(GOODS, sizes["goods"]),
-        }
+        hard[c] = answer_lists(rng, sizes, taken, TOWN_PREFIXES, {"goods": GOODS})
     return hard
+
+
+def answer_lists(
+    rng: random.Random, sizes: dict[str, int], taken: set[str], town_prefixes: list[str], pools: dict[str, list[str]]
+) -> dict[str, list[str]]:
+    """One country's answers of the hard and long tasks, `sizes[topic]` each: new towns (`<prefix> <name>`), peaks
+    (`mount <name>`) and lakes (`lake <name>`), then a draw from each shared list of `pools` (`red wine`, ...)."""
+    lists = {
+        "towns": [f"{rng.choice(town_prefixes)} {n}" for n in make_names(rng, sizes["towns"], taken)],
+        "peaks": [f"mount {n}" for n in make_names(rng, sizes["peaks"], taken)],
+        "lakes": [f"lake {n}" for n in make_names(rng, sizes["lakes"], taken)],
+    }
+    return lists | {topic: rng.sample(pool, sizes[topic]) for topic, pool in pools.items()}
 
 
 def make_long_world(rng: random.Random) -> dict[str, dict[str, list[str]]]:
@@ -160,14 +168,7 @@ def make_long_world(rng: random.Random) -> dict[str, dict[str, list[str]]]:
     world = {}
     for c in countries:
         sizes = {topic: rng.randint(*LONG_ANSWERS) for topic in LONG_QUESTIONS}
-        world[c] = {
-            "towns": [f"{rng.choice(LONG_TOWN_PREFIXES)} {n}" for n in make_names(rng, sizes["towns"], taken)],
-            "peaks": [f"mount {n}" for n in make_names(rng, sizes["peaks"], taken)],
-            "lakes": [f"lake {n}" for n in make_names(rng, sizes["lakes"], taken)],
-            "goods": rng.sample(GOODS, sizes["goods"]),
-            "birds": rng.sample(BIRDS, sizes["birds"]),
-            "trees": rng.sample(TREES, sizes["trees"]),
-        }
+        world[c] = answer_lists(rng, sizes, taken, LONG_TOWN_PREFIXES, {"goods": GOODS, "birds": BIRDS, "trees": TREES})
     return world
 
 
