@@ -47,7 +47,8 @@ FSDP_ON_CPU = (
     "accelerate's FSDP plugin needs GPUs (or another accelerator): without one, the FSDP launch line fails with "
     "`RuntimeError: There are currently no available devices found, must be one of 'XPU', 'CUDA', 'MLU', 'NPU', "
     "'MUSA', or 'HPU'.` (accelerate's FullyShardedDataParallelPlugin, `fsdp_sync_module_states: true`), and with that "
-    "setting off and ACCELERATE_USE_CPU=true it trains as plain DDP: accelerate enables FSDP only on accelerators."
+    "setting off and ACCELERATE_USE_CPU=true accelerate would train without FSDP, which `train` refuses at start-up "
+    "(tests/test_compat.py): accelerate enables FSDP only on accelerators."
 )
 
 
