@@ -13,20 +13,19 @@ so the order of the answers carries no information: exactly where the set loss d
   answers and their shared prefixes both matter.
 - `data_long/`: long lists, about a world of its own (16 countries): towns, peaks, lakes, goods, birds and trees,
   12-30 answers of several tokens each, many sharing their first tokens; each prompt names 1-2 topics, so a row
-  holds up to 60 answers (at most 279 tokens). With 20 answers the model must know which answer comes first before
-  writing any: where the order of the training target should matter most.
+  holds up to 60 answers (at most 353 tokens with its tokenizer). With 20 answers a model trained on a fixed order
+  must know which answer comes first before writing any: where the order of the training target could matter most.
 
 Each task draws 480 distinct (country, ordered topics) combinations: the first 400 are `train.jsonl`, the last 80
 `eval.jsonl`, so every held-out row is a question combination not in the training rows, with its own answer order.
 
 The base model: LoRA on a randomly initialized model learns little, so the generator pretrains the tiny Llama
 (full fine-tuning, fp32; 10 min of CPU time, 22 min on 2 cores shared with other jobs) on the facts of both tasks
-written as plain text (`which rivers flow through valdor? oru and pell.`), never in the `<QA>`/`<A>` format.
-The long task has a base of its own (`model_long/`, the same architecture with a 512-token context and its own
-tokenizer), pretrained the same way on its facts; `--part long` makes only the long task and its base, `--part
-demo` only the others. The
+written as plain text (`which rivers flow through valdor? oru and pell.`), never in the `<QA>`/`<A>` format. The
 demo's QLoRA run then has to learn the structured format and give each answer set in it, as a real instruct
-fine-tune would.
+fine-tune would. The long task has a base of its own (`model_long/`, the same architecture with a 512-token context
+and its own tokenizer), pretrained the same way on its facts (6 min on 2 cores); `--part long` makes only the long
+task and its base, `--part demo` only the others.
 The held-out rows ask about the same countries: they measure how well the facts and the format were learned, not
 generalization to unseen countries.
 Everything is drawn from `--seed`; the weights are bitwise reproducible on the same torch build and thread count.
