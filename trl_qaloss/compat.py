@@ -7,6 +7,9 @@ every supported release and resolves them to one setting: with a release that kn
 are copied onto them before transformers reads them, and mirror them afterwards, so that code reading either name sees
 the same value and no release warns about a name the user did not write.
 
+accelerate turns a launch's FSDP setting on only where there is an accelerator: `check_fsdp_took_effect` stops a run
+that asked for FSDP and would train without it.
+
 `config.py` imports this module, so it imports nothing heavy: the standard library, transformers' `TrainingArguments`
 and `TrainerCallback`, and `errors.py`.
 """
