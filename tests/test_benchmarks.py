@@ -192,36 +192,23 @@ def test_set_vs_sft_benchmark_runs_every_task_and_budget_at_tiny_sizes(tmp_path)
 
 
 def test_set_vs_sft_benchmark_runs_a_given_model_and_dataset_with_lora(tmp_path):
-    """`--model` and `--data` (here the demo's model and hard task, as a user would name their own) with `--lora`:
-    one task named after the data, LoRA adapters trained instead of the whole model, its held-out split measured."""
-    flags = ["--model", str(ROOT / "trl_qaloss/demo/model"), "--data", str(ROOT / "trl_qaloss/demo/data_hard")]
-    flags += ["--lora", "--lora_r", "4", "--seeds", "0", "--max_steps", "4", "--evals", "1", "--eval_rows", "3"]
-    run_set_vs_sft(tmp_path, *flags, "--methods", "plain SFT", "aligned", "--workers", "1")
-    table = (tmp_path / "bench.md").read_text()
-    assert "LoRA (r=4, every linear layer) of `" in table
-    assert "**data_hard, full budget (4 steps)**" in table and "countries" not in table and "long" not in table
-    runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
-    assert len(runs) == 4 and {run["job"]["task"] for run in runs} == {"data_hard"}
-    for run in runs:
-        assert 0 < run["parameters"]["trained"] < run["parameters"]["all"] / 10
-        assert run["final"]["heldout_ce"] > 0
-
-
-def test_set_vs_sft_benchmark_holds_out_rows_of_a_file_without_a_test_split(tmp_path):
-    """A single .jsonl (no `test` split): 10% of its rows are held out, the same for every run; full fine-tuning."""
+    """`--model` and `--data` (the demo's model and 40 of its rows in one .jsonl, as a user would name their own) with
+    `--lora`: one task named after the file, 10% of its rows held out (it has no test split), LoRA adapters trained
+    instead of the whole model."""
     rows = (ROOT / "trl_qaloss/demo/data/train.jsonl").read_text().splitlines()[:40]
     (tmp_path / "mine.jsonl").write_text("\n".join(rows) + "\n")
-    flags = ["--model", str(ROOT / "trl_qaloss/demo/model"), "--data", str(tmp_path / "mine.jsonl")]
-    flags += ["--seeds", "0", "--max_steps", "2", "--evals", "1", "--methods", "plain SFT", "preferred"]
+    flags = ["--model", str(ROOT / "trl_qaloss/demo/model"), "--data", str(tmp_path / "mine.jsonl"), "--lora"]
+    flags += ["--lora_r", "4", "--seeds", "0", "--max_steps", "4", "--evals", "1", "--methods", "plain SFT", "aligned"]
     result = run_set_vs_sft(tmp_path, *flags, "--workers", "1")
     assert "note: fewer than 3 seeds" in result.stdout
     table = (tmp_path / "bench.md").read_text()
-    assert "**mine, full budget (2 steps)**" in table and "Full fine-tuning of `" in table
+    assert "LoRA (r=4, every linear layer) of `" in table
+    assert "**mine, full budget (4 steps)**" in table and "countries" not in table and "long" not in table
     runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
-    assert len(runs) == 4  # 2 methods x 2 budgets
+    assert len(runs) == 4 and {run["job"]["task"] for run in runs} == {"mine"}  # 2 methods x 2 budgets
     for run in runs:
-        assert run["parameters"]["trained"] == run["parameters"]["all"]
-    assert all(run["heldout_rows"] == 4 for run in runs)  # 10% of the 40 rows
+        assert 0 < run["parameters"]["trained"] < run["parameters"]["all"] / 10
+        assert run["heldout_rows"] == 4 and run["final"]["heldout_ce"] > 0  # 10% of the 40 rows
 
 
 def test_set_vs_sft_benchmark_flags_that_need_each_other(tmp_path, capsys):
