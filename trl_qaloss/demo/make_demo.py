@@ -20,8 +20,8 @@ Each task draws 480 distinct (country, ordered topics) combinations: the first 4
 `eval.jsonl`, so every held-out row is a question combination not in the training rows, with its own answer order.
 
 The base model: LoRA on a randomly initialized model learns little, so the generator pretrains the tiny Llama
-(full fine-tuning, fp32; 10 min of CPU time, 22 min on 2 cores shared with other jobs) on the facts of both tasks
-written as plain text (`which rivers flow through valdor? oru and pell.`), never in the `<QA>`/`<A>` format. The
+(full fine-tuning, fp32; 10 min of CPU time, 22 min on 2 cores shared with other jobs) on the facts of the first two
+tasks written as plain text (`which rivers flow through valdor? oru and pell.`), never in the `<QA>`/`<A>` format. The
 demo's QLoRA run then has to learn the structured format and give each answer set in it, as a real instruct
 fine-tune would. The long task has a base of its own (`model_long/`, the same architecture with a 512-token context
 and its own tokenizer), pretrained the same way on its facts (6 min on 2 cores); `--part long` makes only the long
@@ -370,7 +370,8 @@ def make_long_part(seed: int, out: Path, pretrain_steps: int) -> None:
 
 
 def make_tasks(rng: random.Random) -> dict[str, tuple[dict, dict[str, str], list[dict]]]:
-    """`{data directory: (facts, questions, rows)}` of both tasks; the first `NUM_TRAIN` rows train, the rest eval."""
+    """`{data directory: (facts, questions, rows)}` of `data/` and `data_hard/`; the first `NUM_TRAIN` rows train, the
+    rest eval."""
     world = make_world(rng)
     hard_world = make_hard_world(world, rng)
     tasks = {}
