@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.sharded_worker import SETTINGS, VARIANTS, run
-from tests.testing_utils import run_cli
+from tests.testing_utils import EXIT_ABORT, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "recipes" / "README.md"
@@ -67,10 +67,6 @@ def cpu_command(config: str) -> tuple[list[str], list[str]]:
     assert words[:2] == ["accelerate", "launch"]
     start = words.index("-m")
     return [*words[:start], *CPU_LAUNCH_FLAGS], [*words[start:], *CPU_TRAIN_FLAGS, *SWAPS]
-
-
-# What a process sometimes prints when it aborts while exiting, after its work (about 1 ZeRO-3 launch in 15 here).
-EXIT_ABORT = "terminate called without an active exception"
 
 
 def launch(config: str, done: Path, program: list[str] | None = None, extra: list[str] = (), timeout: int = 600):
