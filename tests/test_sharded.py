@@ -17,14 +17,13 @@ import shlex
 import signal
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.sharded_worker import SETTINGS, VARIANTS, run
-from tests.testing_utils import EXIT_ABORT, run_cli
+from tests.testing_utils import check_launch_exit, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "recipes" / "README.md"
@@ -91,11 +90,7 @@ def launch(config: str, done: Path, program: list[str] | None = None, extra: lis
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         pytest.fail(f"accelerate launch did not finish in {timeout} s:\n{stdout[-3000:]}{stderr[-3000:]}")
-    if proc.returncode != 0 and EXIT_ABORT in stderr and done.is_file():
-        message = f"accelerate launch: a process aborted while exiting ({EXIT_ABORT!r}) after the run finished"
-        warnings.warn(message, stacklevel=2)
-    else:
-        assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    check_launch_exit(proc.returncode, stdout, stderr, done.is_file())
     assert done.is_file(), f"{done} was not written"
     return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
