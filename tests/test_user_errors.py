@@ -109,9 +109,13 @@ CASES = {
 def case_results(tmp_path_factory):
     """Every case of `CASES` run at once (each in its own scratch directory): `{case: CompletedProcess}`."""
 
+    # The directories and their inputs are made here, one after the other: `mktemp` is not safe to call from several
+    # threads (a case once found its directory missing); only the commands run in parallel.
+    directories = {case: tmp_path_factory.mktemp("case") for case in CASES}
+    arguments = {case: CASES[case][0](directories[case]) for case in CASES}
+
     def run(case):
-        directory = tmp_path_factory.mktemp("case")
-        return run_cli("train", "--output_dir", "out", *SHORT_RUN, *CASES[case][0](directory), cwd=directory)
+        return run_cli("train", "--output_dir", "out", *SHORT_RUN, *arguments[case], cwd=directories[case])
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         return dict(zip(CASES, pool.map(run, CASES), strict=True))
