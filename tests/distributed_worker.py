@@ -103,4 +103,7 @@ def main(out_dir: str, world_size: int) -> None:
 
 
 if __name__ == "__main__":
+    from trl_qaloss.cli.training import end_processes
+
     main(sys.argv[1], int(sys.argv[2]))
+    end_processes()  # as `trl-qaloss train` does: a launch whose run finished exits 0

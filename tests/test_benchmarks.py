@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from tests.testing_utils import nf4_quantization
+from tests.testing_utils import nf4_quantization, slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@slow
 def test_benchmark_gpu_path_runs_at_tiny_sizes_on_cpu(tmp_path):
     results = ROOT / "benchmarks" / "RESULTS.md"
     before = results.read_text()
@@ -30,6 +31,7 @@ def test_benchmark_gpu_path_runs_at_tiny_sizes_on_cpu(tmp_path):
     assert results.read_text() == before
 
 
+@slow
 def test_step_benchmark_runs_alone_on_its_gpu_path_at_tiny_sizes_on_cpu(tmp_path):
     """`step_speed.py` on its own, run as a user runs it (from another folder, without the repository on the import
     path): the 4-bit + LoRA step of both trainers and its targets are printed, and RESULTS.md is left alone."""
@@ -45,6 +47,7 @@ def test_step_benchmark_runs_alone_on_its_gpu_path_at_tiny_sizes_on_cpu(tmp_path
     assert results.read_text() == before
 
 
+@slow
 def test_qlora_steps_runs_the_recipe_path_at_tiny_sizes_on_cpu(tmp_path):
     """The real-size GPU check's code path: the 7B recipe read by the CLI's parser, a random 4-bit model of the
     Qwen2.5-7B architecture, one run with the recipe's loss and one plain (no timing is checked)."""
@@ -168,6 +171,7 @@ def run_set_vs_sft(tmp_path, *flags: str) -> subprocess.CompletedProcess:
     return result
 
 
+@slow
 def test_set_vs_sft_benchmark_runs_every_task_and_budget_at_tiny_sizes(tmp_path):
     """`benchmarks/set_vs_sft.py` end to end at 4 steps: the three tasks, both budgets, its table, plot and JSON."""
     methods = ["plain SFT", "canonical + set loss 0.1"]
@@ -191,6 +195,7 @@ def test_set_vs_sft_benchmark_runs_every_task_and_budget_at_tiny_sizes(tmp_path)
     assert sizes["countries"] == sizes["hard"] != sizes["long"]
 
 
+@slow
 def test_set_vs_sft_benchmark_runs_a_given_model_and_dataset_with_lora(tmp_path):
     """`--model` and `--data` (the demo's model and 40 of its rows in one .jsonl, as a user would name their own) with
     `--lora`: one task named after the file, 10% of its rows held out (it has no test split), LoRA adapters trained

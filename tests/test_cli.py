@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from tests.testing_utils import check_launch_exit, nf4_quantization
+from tests.testing_utils import nf4_quantization, slow
 from trl_qaloss.cli import main
 from trl_qaloss.cli.training import make_parser, model_init_kwargs, parse_args
 from trl_qaloss.demo import DEFAULT_RECIPE, MODEL_DIR
@@ -206,6 +206,7 @@ def test_saved_adapter_reloads_onto_the_4bit_base_with_the_same_logits(demo_run)
     assert (base_logits - expected).abs().max() > 1e-3  # the adapter changes the model: it was trained
 
 
+@slow
 def test_accelerate_launch_2_processes_matches_one_process(demo_run, tmp_path):
     """`accelerate launch --num_processes 2` on CPU (gloo), 2 x 4 rows per step; the first step is the same global
     batch of 8 as the one-process run, so the first logged losses agree."""
@@ -243,8 +244,8 @@ def test_accelerate_launch_2_processes_matches_one_process(demo_run, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         pytest.fail("accelerate launch did not finish in 300 s:\n" + stdout[-3000:] + stderr[-3000:])
-    finished = "LoRA adapter saved to" in stdout and (tmp_path / "trainer_state.json").is_file()
-    check_launch_exit(proc.returncode, stdout, stderr, finished)
+    # A run that trained and saved must also exit 0: a scheduler reads the exit code.
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
     assert "LoRA adapter saved to" in stdout and (tmp_path / "adapter_model.safetensors").is_file()
     first = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"][0]
     expected = trainer.state.log_history[0]
@@ -274,6 +275,7 @@ def test_init_from_config_builds_random_weights_at_the_configs_size(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(path).config.hidden_size == model.config.hidden_size
 
 
+@slow
 def test_resume_true_in_a_recipe_resumes_from_the_last_complete_checkpoint(tmp_path):
     """`resume_from_checkpoint: true` (a string to the parser) resumes, and skips a half-written checkpoint."""
     from trl_qaloss.cli.training import train

@@ -11,7 +11,7 @@ import warnings
 import pytest
 from trl import SFTConfig
 
-from tests.testing_utils import DEMO_RECIPE, SHORT_RUN, config_values, error_lines, run_cli, tiny_llama
+from tests.testing_utils import DEMO_RECIPE, SHORT_RUN, config_values, error_lines, run_cli, slow, tiny_llama
 from trl_qaloss import QALossConfig
 from trl_qaloss.cli.training import parse_args
 from trl_qaloss.compat import SettingsCheck, checkpointing_arguments, installed_versions, is_checkpointing
@@ -115,6 +115,7 @@ def test_a_model_that_cannot_checkpoint_is_refused_when_the_trainer_is_made(tmp_
     QALossSFTTrainer(model=model, args=args, train_dataset=qa_dataset(8), processing_class=tokenizer).train()
 
 
+@slow
 def test_an_fsdp_launch_that_accelerate_runs_unsharded_stops_at_start_up(tmp_path):
     """An FSDP config launched where accelerate cannot shard with FSDP (a CPU) would train every process on the whole
     model: `train` stops before the first step and says so, naming the releases and the fix."""

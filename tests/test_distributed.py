@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.distributed_worker import SETTINGS, train_one_step
+from tests.testing_utils import slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +42,7 @@ def test_gradient_accumulation_gives_the_big_batch_gradients(tmp_path, one_batch
     assert_same_step(loss, grads, *one_batch[name])
 
 
+@slow
 def test_two_processes_give_the_one_process_gradients(tmp_path, one_batch):
     """`accelerate launch --num_processes 2` on CPU (gloo), each process accumulating 2 micro-batches."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from tests.testing_utils import DEMO_RECIPE, SHORT_RUN, error_lines, run_cli
+from tests.testing_utils import DEMO_RECIPE, SHORT_RUN, error_lines, run_cli, slow
+
+pytestmark = slow
 
 
 @pytest.fixture(scope="session")

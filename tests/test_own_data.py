@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from tests.testing_utils import DEMO_RECIPE, ROOT, SHORT_RUN, build_tokenizer, qa_config, run_cli, tiny_llama
+from tests.testing_utils import DEMO_RECIPE, ROOT, SHORT_RUN, build_tokenizer, qa_config, run_cli, slow, tiny_llama
 from trl_qaloss import QALossSFTTrainer
 
 DEMO_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "train.jsonl").read_text().splitlines()
@@ -20,6 +20,7 @@ def own_jsonl(directory: Path, rows: int = 40) -> str:
     return "my.jsonl"
 
 
+@slow
 def test_own_jsonl_without_eval_split_trains_and_evaluates(tmp_path):
     """`--dataset_name my.jsonl` with the demo recipe, which evaluates: an eval split is split off, as logged."""
     data = own_jsonl(tmp_path)
@@ -127,6 +128,7 @@ def test_max_length_that_cuts_nothing_is_silent(tmp_path, caplog):
     assert "max_length" not in caplog.text
 
 
+@slow
 def test_report_to_tensorboard_writes_the_set_metrics(tmp_path):
     pytest.importorskip("tensorboard", reason="the `tracking` extra is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

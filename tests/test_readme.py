@@ -30,7 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.testing_utils import ROOT
+from tests.testing_utils import ROOT, slow
+
+pytestmark = slow
 
 README = Path(ROOT, "README.md").read_text()
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -38,10 +40,24 @@ HUB_MODELS = ("Qwen/Qwen2.5-0.5B-Instruct",)
 DEMO_MODEL = "trl_qaloss/demo/model"  # the demo's model, as recipes name it (resolved inside the package)
 DEMO_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "train.jsonl").read_text().splitlines()
 EVAL_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "eval.jsonl").read_text().splitlines()
-CI_COMMANDS = [line.strip() for line in Path(ROOT, ".ci", "run").read_text().splitlines() if line.startswith("python3")]
+CI_COMMANDS = [
+    line.strip()
+    for line in Path(ROOT, ".ci", "run").read_text().splitlines()
+    if line.startswith(("python3", "RUN_SLOW=1 python3"))
+]
 BENCHMARK_SIZES = ' --seeds 0 --max_steps 2 --evals 1 --eval_rows 2 --methods "plain SFT" canonical'
 COPY_IGNORED = shutil.ignore_patterns(
-    ".git", "outputs", "runs", "gpu-check", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", "build", "dist"
+    ".git",
+    "outputs",
+    "runs",
+    "gpu-check",
+    "__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+    "build",
+    "dist",
+    ".venv-*",
 )
 
 
@@ -83,11 +99,15 @@ def check_ci_command(command: str) -> bool:
     """Whether `command` is one `.ci/run` runs before or as the tests (so it is not run again here)."""
     words = shlex.split(command)
     if words[:2] == ["pip", "install"]:
-        assert words[2:] in (["torch==2.13.0"], ["-e", "."], ["-e", ".[dev,tracking,bench,sharded]"]), command
-        assert any(" ".join(words[2:]).replace('"', "") in c.replace('"', "") for c in CI_COMMANDS), command
+        installs = (["torch==2.13.0"], ["-e", "."], ["-c", ".ci/lock.txt", "-e", ".[dev,tracking,bench,sharded]"])
+        assert words[2:] in installs, command
+        if words[2] == "-c":  # the test install is the one CI runs; the quickstart's are what it covers
+            assert "python3 -m pip install -q " + " ".join(words[2:]) in [c.replace('"', "") for c in CI_COMMANDS]
+        else:
+            assert any(" ".join(words[2:]).replace('"', "") in c.replace('"', "") for c in CI_COMMANDS), command
         return True
-    if words[:4] == ["python", "-m", "pytest", "-q"]:
-        assert "python3 " + " ".join(words[1:]) in CI_COMMANDS, CI_COMMANDS
+    if words[:5] == ["RUN_SLOW=1", "python", "-m", "pytest", "-q"]:
+        assert "RUN_SLOW=1 python3 " + " ".join(words[2:]) in CI_COMMANDS, CI_COMMANDS
         return True
     return False
 

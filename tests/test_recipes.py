@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from tests.testing_utils import slow
 from trl_qaloss.cli.training import build_trainer, parse_args
 from trl_qaloss.compat import installed_versions, is_checkpointing
 from trl_qaloss.demo import DATA_DIR, MODEL_DIR
@@ -117,7 +118,13 @@ def check_4bit_and_lora(config: dict, model) -> None:
     assert all(p.requires_grad == ("lora_" in n or "trainable_tokens" in n) for n, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+# One recipe in the fast tier (the one-GPU 7B QLoRA recipe, the quickest to build); every recipe with RUN_SLOW=1.
+FAST_RECIPE = "qwen2.5-7b-instruct-qlora.yaml"
+
+
+@pytest.mark.parametrize(
+    "recipe", [pytest.param(r, marks=() if r.name == FAST_RECIPE else slow) for r in RECIPES], ids=lambda p: p.name
+)
 def test_recipe_settings_take_effect(recipe, tmp_path):
     config = yaml.safe_load(recipe.read_text())
     swapped = [

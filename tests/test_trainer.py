@@ -16,6 +16,7 @@ from tests.testing_utils import (
     nf4_quantization,
     qa_config,
     qa_dataset,
+    slow,
     tiny_llama,
 )
 from trl_qaloss import QALossSFTTrainer
@@ -93,6 +94,7 @@ def test_ce_term_matches_sft_normalization(model, tokenizer, tmp_path):
         assert key in trainer._metrics["train"]
 
 
+@slow
 def test_logged_terms_combine_to_the_loss_and_set_loss_falls(model, tokenizer, tmp_path):
     # A small dataset the tiny model can fit: the set loss starts at a uniform guess (nothing parses) and falls
     # once the model has learnt the format.

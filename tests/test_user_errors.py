@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.testing_utils import CHAT_TEMPLATE, DEMO_RECIPE, ROOT, SHORT_RUN, error_lines, run_cli
+from tests.testing_utils import CHAT_TEMPLATE, DEMO_RECIPE, ROOT, SHORT_RUN, error_lines, run_cli, slow
 from trl_qaloss.errors import UsageError, user_errors
 
 DEMO_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "train.jsonl").read_text().splitlines()
@@ -122,6 +122,7 @@ def case_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@slow
 def test_bad_input_is_one_message_without_traceback(case_results, case):
     result, message = case_results[case], CASES[case][1]
     assert result.returncode == 1, result.stderr[-3000:]
@@ -130,6 +131,7 @@ def test_bad_input_is_one_message_without_traceback(case_results, case):
     assert len(lines) == 1 and re.search(message, lines[0]), result.stderr[-3000:]
 
 
+@slow
 def test_debug_shows_the_traceback(tmp_path):
     for flag, env in ((["--debug"], {}), ([], {"TRL_QALOSS_DEBUG": "1"})):
         result = run_cli("train", *flag, "--lamda_set", "1", cwd=tmp_path, env=env)
