@@ -59,8 +59,8 @@ def write() -> None:
     pip = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True, text=True).stdout.split()
     header = [
         "# The main lane's lock: `.ci/run` installs with `pip install -c .ci/lock.txt`. Do not edit by hand: generated",
-        f"# by `.ci/newest` (`python .ci/lock.py write`) on {datetime.date.today()}, Python {platform.python_version()},",
-        f"# pip {pip[1] if len(pip) > 1 else '?'}, after the whole suite passed on these releases.",
+        f"# by `.ci/newest` (`python .ci/lock.py write`) on {datetime.date.today()},",
+        f"# Python {platform.python_version()}, pip {pip[1] if len(pip) > 1 else '?'}, after the whole suite passed.",
     ]
     LOCK.write_text("\n".join(header + [f"{name}=={versions[name]}" for name in sorted(versions)]) + "\n")
     print(f"wrote {LOCK} ({len(versions)} packages)")
