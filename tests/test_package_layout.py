@@ -1,6 +1,7 @@
 """The package reads as its layers: the loss engine (`trl_qaloss.engine`), the TRL integration, the command line
 (`trl_qaloss.cli`). Imports only go down the layers, no module imports itself back through others, importing the
-config or the package loads no engine code, and every import that worked before the layers still works."""
+config or the package loads no engine code, every import that worked before the layers still works, and neither the
+package nor the benchmarks import the tests."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "trl_qaloss"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "trl_qaloss"
 LAYERS = ("engine", "integration", "cli")
 
 
@@ -82,6 +84,26 @@ def test_no_import_cycle():
     for module in sorted(edges):
         if module not in state:
             visit(module, [module])
+
+
+def imported_top_levels(path: Path) -> set[str]:
+    """The top-level names of the modules that the file at `path` imports, anywhere in it (relative imports aside)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.partition(".")[0])
+    return names
+
+
+def test_the_package_and_the_benchmarks_import_nothing_from_the_tests():
+    """What the benchmarks share with the tests lives in the package (`trl_qaloss.testing_utils`): the tests are not
+    shipped, and a benchmark runs without them."""
+    files = sorted([*PACKAGE.rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")])
+    assert any(path.parent.name == "benchmarks" for path in files)
+    importing_tests = [str(path.relative_to(ROOT)) for path in files if "tests" in imported_top_levels(path)]
+    assert not importing_tests, importing_tests
 
 
 def loaded_modules(statement: str) -> list[str]:
@@ -156,7 +178,7 @@ def test_the_command_line_entry_point():
 
     from trl_qaloss.cli import training
 
-    entry = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]["trl-qaloss"]
+    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["trl-qaloss"]
     module, _, function = entry.partition(":")
     assert callable(getattr(importlib.import_module(module), function))
     from trl_qaloss.cli import load_datasets, make_parser, model_init_kwargs, parse_args, train  # noqa: F401
