@@ -2,7 +2,9 @@
 
 The benchmark scripts run as `python benchmarks/<script>.py` from anywhere: Python puts `benchmarks/` first on the
 import path, so they import this module as `benchmark_utils`, and this module puts the repository root on the path
-once, for `trl_qaloss` and the tests' offline fixtures (`tests/testing_utils.py`) without installing.
+once, for `trl_qaloss` without installing. The tiny models, tokenizer and configs they measure are the package's
+offline components (`trl_qaloss.testing_utils`), built on the spot without the model hub; the benchmarks import
+nothing from `tests/`.
 
 Extra peak memory (`peak_extra_bytes`): on CUDA, `torch.cuda.max_memory_allocated` over the allocated memory before
 the call; on the CPU, the peak of the running sum of the allocations and frees that torch's profiler records during
@@ -29,7 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.testing_utils import (  # noqa: E402
+# Everything measured is built on the spot: no model hub lookups, no experiment trackers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+from trl_qaloss import QASeparators  # noqa: E402
+from trl_qaloss.testing_utils import (  # noqa: E402
     build_tokenizer,
     config_values,
     nf4_quantization,
@@ -37,7 +46,6 @@ from tests.testing_utils import (  # noqa: E402
     random_llama,
     tiny_llama,
 )
-from trl_qaloss import QASeparators  # noqa: E402
 
 __all__ = ["ROOT", "build_tokenizer", "config_values", "nf4_quantization", "tiny_llama"]  # re-exported for the scripts
 
@@ -158,7 +166,7 @@ def make_batch(batch: int, length: int, vocab: int, dtype=torch.float32, device=
 
 
 def qa_rows(num_rows: int, max_length: int, seed: int = 0):
-    """Prompt/completion rows whose completions fill about `max_length` tokens of the tests' tokenizer."""
+    """Prompt/completion rows whose completions fill about `max_length` tokens of `build_tokenizer()`."""
     from datasets import Dataset
 
     rng = random.Random(seed)

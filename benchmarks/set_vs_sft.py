@@ -5,6 +5,9 @@
     python benchmarks/set_vs_sft.py --model Qwen/Qwen2.5-0.5B-Instruct --data my_qa_dir --lora --learning_rate 2e-4
                                                # your model and data: one task, LoRA instead of full fine-tuning
 
+Needs the `bench` extra for its plot (matplotlib): `pip install "trl-qaloss[bench]"`, or `pip install -e ".[bench]"`
+from a checkout; without it the script stops at start-up.
+
 Methods (the same model, data, seeds, optimizer, hyperparameters and steps for all):
 
 | method | `answer_order` | `lambda_set` |
@@ -465,6 +468,17 @@ def check_methods(methods: list[str]) -> None:
         raise SystemExit("This benchmark needs `QALossConfig.answer_order`; install a trl-qaloss that has it.")
 
 
+def check_optional_imports() -> None:
+    """Exit with the extra to install when the report's plot cannot be drawn, before any run rather than after all."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            'set_vs_sft.py needs matplotlib (the "bench" extra) to draw its plot: pip install "trl-qaloss[bench]", or '
+            'pip install -e ".[bench]" from a checkout.'
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -531,6 +545,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--lora_r is the rank of --lora: add --lora, or drop --lora_r.")
     if args.model is None and (args.max_length or args.max_new_tokens):
         parser.error("--max_length and --max_new_tokens size a task of your own: add --model and --data.")
+    check_optional_imports()
     args.lora_r = args.lora_r or 16
     tasks = dict(TASKS)
     if args.model is not None:

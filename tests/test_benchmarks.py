@@ -216,6 +216,28 @@ def test_set_vs_sft_benchmark_runs_a_given_model_and_dataset_with_lora(tmp_path)
         assert run["heldout_rows"] == 4 and run["final"]["heldout_ce"] > 0  # 10% of the 40 rows
 
 
+def test_set_vs_sft_benchmark_stops_before_any_run_without_matplotlib(tmp_path):
+    """Without the `bench` extra the benchmark says which extra to install and stops at start-up, instead of after
+    every run when it draws its plot. A `matplotlib` package that fails on import stands in for a missing one."""
+    stub = tmp_path / "stub" / "matplotlib"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text('raise ModuleNotFoundError("No module named matplotlib")\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub.parent), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "results" / "bench"
+    command = [sys.executable, str(ROOT / "benchmarks" / "set_vs_sft.py"), "--quick", "--workers", "1"]
+    result = subprocess.run(
+        [*command, "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        'set_vs_sft.py needs matplotlib (the "bench" extra) to draw its plot: pip install "trl-qaloss[bench]", or '
+        'pip install -e ".[bench]" from a checkout.'
+    )
+    # Nothing ran: the note printed before the runs is missing and the output folder was never made.
+    assert result.stdout == "" and not out.parent.exists()
+
+
 def test_set_vs_sft_benchmark_flags_that_need_each_other(tmp_path, capsys):
     import importlib.util
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tests.testing_utils import random_batch
-from trl_qaloss import logprobs, set_matching_loss
+from trl_qaloss import set_matching_loss
+from trl_qaloss.engine import logprobs
 from trl_qaloss.engine.logprobs import log_sum_exp, selected_log_probs, vocab_stats
 from trl_qaloss.engine.loss import set_loss_terms
 from trl_qaloss.engine.reference import set_matching_loss_reference

@@ -1,6 +1,7 @@
 """The package reads as its layers: the loss engine (`trl_qaloss.engine`), the TRL integration, the command line
 (`trl_qaloss.cli`). Imports only go down the layers, no module imports itself back through others, importing the
-config or the package loads no engine code, and every import that worked before the layers still works."""
+config or the package loads no engine code, each module has one name, and neither the package nor the benchmarks
+import the tests."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "trl_qaloss"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "trl_qaloss"
 LAYERS = ("engine", "integration", "cli")
 
 
@@ -84,6 +86,26 @@ def test_no_import_cycle():
             visit(module, [module])
 
 
+def imported_top_levels(path: Path) -> set[str]:
+    """The top-level names of the modules that the file at `path` imports, anywhere in it (relative imports aside)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.partition(".")[0])
+    return names
+
+
+def test_the_package_and_the_benchmarks_import_nothing_from_the_tests():
+    """What the benchmarks share with the tests lives in the package (`trl_qaloss.testing_utils`): the tests are not
+    shipped, and a benchmark runs without them."""
+    files = sorted([*PACKAGE.rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")])
+    assert any(path.parent.name == "benchmarks" for path in files)
+    importing_tests = [str(path.relative_to(ROOT)) for path in files if "tests" in imported_top_levels(path)]
+    assert not importing_tests, importing_tests
+
+
 def loaded_modules(statement: str) -> list[str]:
     """The package modules that `statement` loads in a fresh interpreter."""
     code = f"import sys; {statement}; print(' '.join(m for m in sys.modules if m.startswith('trl_qaloss')))"
@@ -123,30 +145,25 @@ def test_the_public_names_import():
 
 
 @pytest.mark.parametrize(
-    ("old", "new"),
+    "name",
     [
-        *(
-            (f"trl_qaloss.{name}", f"trl_qaloss.engine.{name}")
-            for name in (
-                "answer_order",
-                "logprobs",
-                "loss",
-                "matching",
-                "parsing",
-                "reduction",
-                "reference",
-                "separators",
-                "similarity",
-            )
-        ),
+        "answer_order",
+        "inference",
+        "logprobs",
+        "loss",
+        "matching",
+        "parsing",
+        "reduction",
+        "reference",
+        "separators",
+        "similarity",
     ],
 )
-def test_a_module_imports_under_its_earlier_name(old, new):
-    """One module object under both names: its functions, classes and state are the same."""
-    moved = importlib.import_module(old)
-    assert moved is importlib.import_module(new)
-    assert moved.__spec__.name == new and moved.__name__ == new
-    assert loaded_modules(f"import {old}")  # in a fresh interpreter too
+def test_a_module_has_one_name(name):
+    """A module is imported under its layer's name only (`trl_qaloss.engine.loss`, `trl_qaloss.cli.inference`),
+    never directly under the package."""
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(f"trl_qaloss.{name}")
 
 
 def test_the_command_line_entry_point():
@@ -156,7 +173,7 @@ def test_the_command_line_entry_point():
 
     from trl_qaloss.cli import training
 
-    entry = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]["trl-qaloss"]
+    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["trl-qaloss"]
     module, _, function = entry.partition(":")
     assert callable(getattr(importlib.import_module(module), function))
     from trl_qaloss.cli import load_datasets, make_parser, model_init_kwargs, parse_args, train  # noqa: F401
@@ -165,7 +182,6 @@ def test_the_command_line_entry_point():
 
 
 def test_documented_imports():
-    from trl_qaloss.parsing import parse_qa_text  # noqa: F401
-    from trl_qaloss.reference import reorder_answers_reference, set_matching_loss_reference  # noqa: F401
-
     from trl_qaloss.data import format_qas, format_qas_dataset, load_qa_dataset  # noqa: F401
+    from trl_qaloss.engine.parsing import parse_qa_text  # noqa: F401
+    from trl_qaloss.engine.reference import reorder_answers_reference, set_matching_loss_reference  # noqa: F401

@@ -1,6 +1,7 @@
-"""Shared test helpers, importable by tests and benchmarks: a byte-level BPE tokenizer trained on the fly, a tiny Llama
-built from a config, configs, random loss batches, and the command-line runner. Test modules import from here, never
-from one another; `conftest.py` holds only the pytest fixtures."""
+"""Shared test helpers: the package's offline components (`trl_qaloss.testing_utils`: a byte-level BPE tokenizer trained
+on the fly, a tiny Llama built from a config, a short run's config values), and the tests' own: datasets and configs,
+random loss batches, the command-line runner. Test modules import from here, never from one another; `conftest.py`
+holds only the pytest fixtures."""
 
 from __future__ import annotations
 
@@ -19,81 +20,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
-WORDS = (
-    "who what where when which wrote built painted discovered founded city river mountain paris london rome berlin "
-    "ann bob carl dana eve frank gina hugo iris jack the a of in and"
-).split()
-
-
-def qa_text(rng: random.Random, num_items: int | None = None) -> str:
-    """A completion in the product's format with random questions and answer sets."""
-    items = []
-    for _ in range(num_items or rng.randint(1, 3)):
-        question = " ".join(rng.choices(WORDS, k=rng.randint(2, 5)))
-        answers = [" ".join(rng.choices(WORDS, k=rng.randint(1, 3))) for _ in range(rng.randint(1, 4))]
-        items.append(f"<QA> {question}? " + " ".join(f"<A> {a}" for a in answers))
-    return " ".join(items)
-
-
-def build_tokenizer():
-    from trl_qaloss.demo.make_demo import train_bpe_tokenizer
-
-    rng = random.Random(0)
-    texts = [qa_text(rng) for _ in range(400)] + ['what?" he asked. why ? "who?"'] * 20
-    return train_bpe_tokenizer(texts, vocab_size=600)
-
+# The package's offline components, under the names the tests import from here (after the offline settings above).
+from trl_qaloss.testing_utils import (  # noqa: E402, F401
+    WORDS,
+    build_tokenizer,
+    config_values,
+    nf4_quantization,
+    qa_text,
+    random_llama,
+    random_model,
+    tiny_llama,
+)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<eos>{% endgeneration %}"
     "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
-
-
-def random_llama(vocab_size: int, seed: int = 0, **sizes):
-    """A Llama with random weights drawn after `torch.manual_seed(seed)`; `sizes` override the tiny default sizes."""
-    from transformers import LlamaConfig
-
-    return random_model(LlamaConfig, vocab_size, seed, **sizes)
-
-
-def random_model(config_class, vocab_size: int, seed: int = 0, **sizes):
-    """A causal LM of `config_class`'s architecture (Llama, Qwen2, ...) with the tiny default sizes of `random_llama`
-    and random weights drawn after `torch.manual_seed(seed)`; `sizes` override any config value."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        pad_token_id=1,
-        eos_token_id=2,
-        bos_token_id=None,
-    )
-    return AutoModelForCausalLM.from_config(config_class(**{**config, **sizes}))
-
-
-def tiny_llama(vocab_size: int, seed: int = 0):
-    """The tests' model: hidden 32, 2 layers."""
-    return random_llama(vocab_size, seed)
-
-
-def nf4_quantization(compute_dtype=torch.float32):
-    """The recipes' 4-bit setting: bitsandbytes nf4 with double quantization, computing in `compute_dtype`."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
 
 
 def qa_dataset(num_rows: int = 32, seed: int = 0):
@@ -105,30 +48,6 @@ def qa_dataset(num_rows: int = 32, seed: int = 0):
         for _ in range(num_rows)
     ]
     return Dataset.from_list(rows)
-
-
-def config_values(tmp_path, **overrides) -> dict:
-    """Arguments shared by the QALossConfig and SFTConfig of the tests: CPU, fp32, quiet, no checkpoints."""
-    from trl_qaloss.compat import checkpointing_arguments
-
-    values = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        max_length=128,
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        **checkpointing_arguments(False),  # SFTConfig takes the name the installed transformers knows
-    )
-    values.update(overrides)
-    return values
 
 
 def qa_config(tmp_path, **overrides):

@@ -130,64 +130,49 @@ def _trained_text(row: list[int], tokenizer, limit: int = 120) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def check_set_targets(dataset, seps: QASeparators, tokenizer, name: str, args, hint: str | None = None) -> None:
-    """Raise a ValueError if no row of the prepared `dataset` has a target answer among its trained tokens.
+def batch_targets(
+    rows: list[list[int]], seq_lengths: list[list[int]] | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The targets `[N, T-1]` of `N` prepared rows (their labels, -100 where not trained), shifted as a causal LM reads
+    them, and with packed rows (`seq_lengths`: each row's sequence lengths) the bool `[N, T-1]` where a sequence
+    starts, else None."""
+    length = max(len(r) for r in rows)
+    labels = torch.full((len(rows), max(length, 2)), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        labels[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    if seq_lengths is None:
+        return labels[:, 1:], None
+    seq_starts = torch.zeros_like(labels, dtype=torch.bool)
+    for i, lengths in enumerate(seq_lengths):
+        seq_starts[i, torch.tensor(lengths[:-1], dtype=torch.long).cumsum(0)] = True
+    labels[seq_starts] = -100  # the collator masks each sequence's first token
+    return labels[:, 1:], seq_starts[:, 1:]
 
-    `hint`: what truncation to `max_length` cut, if it cut target answers; it becomes the message.
 
-    Reads `labels` (or `input_ids` when there are none), shifted as a causal LM reads them, with packed rows split at
-    their `seq_lengths`. Stops at the first batch of rows that has an answer. `args`: the `QALossConfig`.
-    """
+def reasons_without_answer(targets: torch.Tensor, seps: QASeparators) -> list[str]:
+    """Why each row of `targets` `[N, T]`, rows without a target answer, has none: `"all_masked"` (no trained token),
+    `"no_qa"` (no `qa_token` among its trained tokens) or `"no_answer"` (items, but no answer)."""
+    valid = targets != -100
+    has_qa = (valid & (targets == seps.qa_id)).any(1)
+    return ["all_masked" if not valid[i].any() else "no_answer" if has_qa[i] else "no_qa" for i in range(len(targets))]
+
+
+def no_target_message(name: str, first: dict[str, tuple[int, list[int]]], tokenizer, args) -> str:
+    """The error when no row of `name` has a target answer: an example row (`first`: index and labels) of each
+    reason found, then the fixes, named with the separators of `args`."""
     qa_token, answer_token, question_end = args.qa_token, args.answer_token, args.question_end
-    if not isinstance(dataset, Dataset):
-        return  # an IterableDataset cannot be scanned without consuming it
-    if len(dataset) == 0:
-        raise ValueError(
-            f"`{name}` has no rows left after preparation: TRL drops rows whose labels are all masked, e.g. when "
-            f"the prompt alone fills `max_length={args.max_length}`. Raise `max_length` or shorten the prompts."
-        )
-    column = "labels" if "labels" in dataset.column_names else "input_ids"
-    first = {"all_masked": None, "no_qa": None, "no_answer": None}
-    start = 0
-    for batch in dataset.select_columns([c for c in (column, "seq_lengths") if c in dataset.column_names]).iter(
-        SCAN_ROWS
-    ):
-        rows = batch[column]
-        length = max(len(r) for r in rows)
-        labels = torch.full((len(rows), max(length, 2)), -100, dtype=torch.long)
-        for i, r in enumerate(rows):
-            labels[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        seq_starts = None
-        if "seq_lengths" in batch:
-            seq_starts = torch.zeros_like(labels, dtype=torch.bool)
-            for i, lengths in enumerate(batch["seq_lengths"]):
-                seq_starts[i, torch.tensor(lengths[:-1], dtype=torch.long).cumsum(0)] = True
-            labels[seq_starts] = -100  # the collator masks each sequence's first token
-            seq_starts = seq_starts[:, 1:]
-        targets = labels[:, 1:]
-        valid = targets != -100
-        if count_target_answer_tokens(targets, seps, seq_starts):
-            return
-        has_qa = (valid & (targets == seps.qa_id)).any(1)
-        for i in range(len(rows)):
-            kind = "all_masked" if not valid[i].any() else "no_answer" if has_qa[i] else "no_qa"
-            if first[kind] is None:
-                first[kind] = (start + i, rows[i])
-        start += len(rows)
-    if hint:  # truncation cut the answers: that is the fix to name
-        raise ValueError(f"No target answer of `{name}` is left after truncation to `max_length`. {hint}")
     lines = [
         f"No row of `{name}` has a target answer among its trained tokens, so the set loss would be 0 at every step:"
     ]
-    if first["all_masked"] is not None:
+    if "all_masked" in first:
         lines.append(f"- rows whose labels are all masked (-100), e.g. row {first['all_masked'][0]};")
-    if first["no_qa"] is not None:
+    if "no_qa" in first:
         index, row = first["no_qa"]
         lines.append(
             f"- rows without `qa_token`={qa_token!r} in their trained tokens, e.g. row {index}: "
             f"{_trained_text(row, tokenizer)};"
         )
-    if first["no_answer"] is not None:
+    if "no_answer" in first:
         index, row = first["no_answer"]
         lines.append(
             f"- rows with items but no answer (no token with `question_end`={question_end!r} followed by "
@@ -198,4 +183,37 @@ def check_set_targets(dataset, seps: QASeparators, tokenizer, name: str, args, h
         f"`{qa_token} question? {answer_token} answer {answer_token} answer`, set `qa_token`, `answer_token` and "
         "`question_end` to what the data uses, or set `lambda_set=0` to train with the SFT loss only."
     )
-    raise ValueError("\n".join(lines))
+    return "\n".join(lines)
+
+
+def check_set_targets(dataset, seps: QASeparators, tokenizer, name: str, args, hint: str | None = None) -> None:
+    """Raise a ValueError if no row of the prepared `dataset` has a target answer among its trained tokens.
+
+    `hint`: what truncation to `max_length` cut, if it cut target answers; it becomes the message.
+
+    Reads `labels` (or `input_ids` when there are none), shifted as a causal LM reads them, with packed rows split at
+    their `seq_lengths`. Stops at the first batch of rows that has an answer. `args`: the `QALossConfig`.
+    """
+    if not isinstance(dataset, Dataset):
+        return  # an IterableDataset cannot be scanned without consuming it
+    if len(dataset) == 0:
+        raise ValueError(
+            f"`{name}` has no rows left after preparation: TRL drops rows whose labels are all masked, e.g. when "
+            f"the prompt alone fills `max_length={args.max_length}`. Raise `max_length` or shorten the prompts."
+        )
+    column = "labels" if "labels" in dataset.column_names else "input_ids"
+    first: dict[str, tuple[int, list[int]]] = {}  # the first row of each reason, with its index
+    start = 0
+    for batch in dataset.select_columns([c for c in (column, "seq_lengths") if c in dataset.column_names]).iter(
+        SCAN_ROWS
+    ):
+        rows = batch[column]
+        targets, seq_starts = batch_targets(rows, batch.get("seq_lengths"))
+        if count_target_answer_tokens(targets, seps, seq_starts):
+            return
+        for i, reason in enumerate(reasons_without_answer(targets, seps)):
+            first.setdefault(reason, (start + i, rows[i]))
+        start += len(rows)
+    if hint:  # truncation cut the answers: that is the fix to name
+        raise ValueError(f"No target answer of `{name}` is left after truncation to `max_length`. {hint}")
+    raise ValueError(no_target_message(name, first, tokenizer, args))

@@ -147,6 +147,20 @@ def pair_items(predicted: list[QAItem], reference: list[QAItem], match_questions
     return partners
 
 
+def question_scores(ref_item: QAItem, pred_item: QAItem | None, pred_answers: list[str]) -> dict[str, float]:
+    """The scores of one reference question (`SCORE_KEYS`) against its predicted partner, whose normalized answers
+    are `pred_answers`; without a partner (`pred_item` None) every score is 0 and every reference answer is missing."""
+    num_ref = len(ref_item.answers)
+    if pred_item is None:
+        return {**dict.fromkeys(SCORE_KEYS, 0.0), "cardinality_error": num_ref, "cardinality_bias": -num_ref}
+    ref_set = {normalize_answer(a) for a in ref_item.answers}
+    scores = dict(zip(SCORE_KEYS[:6], _pair_scores(set(pred_answers), ref_set), strict=True))
+    scores["exact_set_match"] = exact_set_match(pred_answers, ref_set)
+    scores["cardinality_error"] = abs(len(pred_item.answers) - num_ref)
+    scores["cardinality_bias"] = len(pred_item.answers) - num_ref
+    return scores
+
+
 def answer_set_scores(
     predictions: list[str],
     references: list[str],
@@ -189,22 +203,13 @@ def answer_set_scores(
         predicted_answers += sum(len(answers) for answers in pred_answers)
         repeated_answers += sum(count_repeats(answers) for answers in pred_answers)
         for ref_item, partner in zip(ref_items, pair_items(pred_items, ref_items, match_questions), strict=True):
-            num_ref = len(ref_item.answers)
-            if partner is None:  # a missing question scores 0 and misses every answer
-                sums["cardinality_error"] += num_ref
-                sums["cardinality_bias"] -= num_ref
-                continue
-            pred_item = pred_items[partner]
-            ref_set = {normalize_answer(a) for a in ref_item.answers}
-            scores = _pair_scores(set(pred_answers[partner]), ref_set)
-            if normalize_answer(pred_item.question) == normalize_answer(ref_item.question):
+            pred_item = None if partner is None else pred_items[partner]
+            scores = question_scores(ref_item, pred_item, [] if partner is None else pred_answers[partner])
+            for key in SCORE_KEYS:
+                sums[key] += scores[key]
+            if pred_item is not None and normalize_answer(pred_item.question) == normalize_answer(ref_item.question):
                 counts["questions_matched"] += 1
-                matched_f1 += scores[2]
-            for key, value in zip(SCORE_KEYS[:6], scores, strict=True):
-                sums[key] += value
-            sums["exact_set_match"] += exact_set_match(pred_answers[partner], ref_set)
-            sums["cardinality_error"] += abs(len(pred_item.answers) - num_ref)
-            sums["cardinality_bias"] += len(pred_item.answers) - num_ref
+                matched_f1 += scores["set_f1"]
     num_questions = max(counts["questions_expected"], 1.0)
     scores = {key: value / num_questions for key, value in sums.items()}
     scores["matched_question_set_f1"] = matched_f1 / max(counts["questions_matched"], 1.0)

@@ -33,6 +33,45 @@ from .separator_tokens import add_separator_tokens
 logger = logging.getLogger(__name__)
 
 
+def load_model_and_tokenizer(model_id: str, args: QALossConfig, processing_class, kwargs: dict):
+    """The model named `model_id` (a hub name or a directory), loaded as SFTTrainer would load it, and
+    `processing_class`, or the model's own tokenizer when it is None.
+
+    The model takes `args.model_init_kwargs` and a `quantization_config` given to the trainer (taken out of
+    `kwargs`); `args.model_init_kwargs` is then cleared, as SFTTrainer does once it has loaded the model.
+    """
+    model_init_kwargs = dict(args.model_init_kwargs or {})
+    if kwargs.get("quantization_config") is not None:
+        model_init_kwargs["quantization_config"] = kwargs.pop("quantization_config")
+    if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+        model_init_kwargs["device_map"] = None
+    model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    model = create_model_from_path(model_id, **model_init_kwargs)
+    args.model_init_kwargs = None
+    if processing_class is None:
+        processing_class = AutoTokenizer.from_pretrained(
+            model_id, revision=model_init_kwargs.get("revision"), trust_remote_code=args.trust_remote_code
+        )
+    return model, processing_class
+
+
+def tokenizer_of(processing_class) -> PreTrainedTokenizerBase:
+    """The tokenizer that `processing_class` is, or holds (a processor's); a TypeError for anything else."""
+    tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise TypeError("`processing_class` must be a tokenizer or a processor that holds one.")
+    return tokenizer
+
+
+def warn_packing_without_boundaries(packing_strategy: str) -> None:
+    logger.warning(
+        "packing_strategy=%r without padding_free packs documents into rows without sequence boundaries, so "
+        "the set loss pairs the items of a row across its documents. Use packing_strategy='bfd' (the "
+        "default) or padding_free=True.",
+        packing_strategy,
+    )
+
+
 class QALossSFTTrainer(SFTTrainer):
     """`SFTTrainer` that trains each item's answers in a fixed order, and can add an order-invariant set-matching loss.
 
@@ -83,24 +122,10 @@ class QALossSFTTrainer(SFTTrainer):
         args = as_qaloss_config(args, model)
         if isinstance(model, str):
             # Loaded here rather than by SFTTrainer so the separators can be added to its embeddings first.
-            model_init_kwargs = dict(args.model_init_kwargs or {})
-            if kwargs.get("quantization_config") is not None:
-                model_init_kwargs["quantization_config"] = kwargs.pop("quantization_config")
-            if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
-                model_init_kwargs["device_map"] = None
-            model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-            model_id = model
-            model = create_model_from_path(model_id, **model_init_kwargs)
-            args.model_init_kwargs = None
-            if processing_class is None:
-                processing_class = AutoTokenizer.from_pretrained(
-                    model_id, revision=model_init_kwargs.get("revision"), trust_remote_code=args.trust_remote_code
-                )
+            model, processing_class = load_model_and_tokenizer(model, args, processing_class, kwargs)
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
-        tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
-        if not isinstance(tokenizer, PreTrainedTokenizerBase):
-            raise TypeError("`processing_class` must be a tokenizer or a processor that holds one.")
+        tokenizer = tokenizer_of(processing_class)
         train_dataset, eval_dataset = format_structured_datasets(args, train_dataset, eval_dataset)
         check_chat_templates(train_dataset, eval_dataset, tokenizer, args.chat_template_path)
         self._truncation_hints: dict[str, str] = {}
@@ -132,25 +157,27 @@ class QALossSFTTrainer(SFTTrainer):
             hint = self._truncation_hints.get("train")
             check_set_targets(self.train_dataset, self.separators, tokenizer, "train_dataset", args, hint)
         if args.lambda_set > 0 and args.packing and not self.padding_free:
-            logger.warning(
-                "packing_strategy=%r without padding_free packs documents into rows without sequence boundaries, so "
-                "the set loss pairs the items of a row across its documents. Use packing_strategy='bfd' (the "
-                "default) or padding_free=True.",
-                args.packing_strategy,
-            )
+            warn_packing_without_boundaries(args.packing_strategy)
         self._accepts_logits_to_keep = accepts_logits_to_keep(self.model)
         # FSDP and DeepSpeed gather the parameters in the wrapped model's forward: there, "aligned" scores through it.
         self._params_sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         self._set_count_in_batch = None
         self.add_callback(settings_check)
-        if args.eval_generate_samples > 0 and self.eval_dataset is None and args.eval_strategy == "no":
+        self._add_answer_set_evaluation(args)
+
+    def _add_answer_set_evaluation(self, args: QALossConfig) -> None:
+        """The callback that generates and scores completions at each evaluation, when `eval_generate_samples` asks
+        for it and there is an evaluation to hook it on."""
+        if args.eval_generate_samples <= 0:
+            return
+        if self.eval_dataset is None and args.eval_strategy == "no":
             # A recipe that turns evaluation off (`--eval_strategy no`) also turns off its generation metrics.
             logger.warning(
                 "`eval_generate_samples` is set, but there is no eval dataset and `eval_strategy` is 'no': "
                 "the answer-set evaluation is off."
             )
-        elif args.eval_generate_samples > 0:
-            self.add_callback(QASetEvalCallback(self))
+            return
+        self.add_callback(QASetEvalCallback(self))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` skips checkpoints a killed run left half-written."""
