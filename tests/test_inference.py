@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tests.testing_utils import DEMO_RECIPE, SHORT_RUN, error_lines, run_cli, slow
-
-pytestmark = slow
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +21,7 @@ def demo_adapter(tmp_path_factory):
     return work / "adapter"
 
 
+@slow
 def test_the_adapter_records_its_4bit_base(demo_adapter):
     from bitsandbytes.nn import Linear4bit
     from peft import PeftModel
@@ -37,6 +37,7 @@ def test_the_adapter_records_its_4bit_base(demo_adapter):
     assert loaded.separators == ("<QA>", "<A>", "?")
 
 
+@slow
 def test_generate_writes_one_line_per_prompt(demo_adapter, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
@@ -69,6 +70,7 @@ def test_generate_writes_one_line_per_prompt(demo_adapter, tmp_path):
         assert all(set(item) == {"question", "answers"} for item in line["qas"])
 
 
+@slow
 def test_generate_one_prompt_to_stdout(demo_adapter, tmp_path):
     result = run_cli(
         "generate",
@@ -85,6 +87,7 @@ def test_generate_one_prompt_to_stdout(demo_adapter, tmp_path):
     assert line["prompt"] == "Tell me about valdor." and isinstance(line["qas"], list)
 
 
+@slow
 def test_evaluate_prints_and_writes_the_answer_set_metrics(demo_adapter, tmp_path):
     result = run_cli(
         "evaluate",
@@ -109,6 +112,7 @@ def test_evaluate_prints_and_writes_the_answer_set_metrics(demo_adapter, tmp_pat
     assert metrics["num_examples"] == 4 and 0 <= metrics["set_f1"] <= 1 and metrics["questions_expected"] > 0
 
 
+@slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -124,3 +128,30 @@ def test_inference_input_errors_are_one_message(demo_adapter, tmp_path, args, me
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     (line,) = error_lines(result.stderr)
     assert re.search(message, line), line
+
+
+@pytest.fixture(scope="module")
+def adapter_in_process(tmp_path_factory):
+    """The demo recipe trained for 2 steps in this process (the fast tier's adapter): the adapter's directory."""
+    from trl_qaloss.cli.training import parse_args, train
+
+    output_dir = tmp_path_factory.mktemp("fast") / "adapter"
+    train(*parse_args(["--config", DEMO_RECIPE, "--output_dir", str(output_dir), *SHORT_RUN, "--eval_strategy", "no"]))
+    return output_dir
+
+
+def test_generate_and_evaluate_load_the_adapter_on_its_4bit_base(adapter_in_process, tmp_path, capsys):
+    """`generate` and `evaluate` in this process: the adapter on its 4-bit base, parsed completions, metrics."""
+    from trl_qaloss.cli.inference import run_evaluate, run_generate
+
+    run_generate(["--adapter", str(adapter_in_process), "--prompt", "Tell me about valdor.", "--max_new_tokens", "8"])
+    (line,) = [json.loads(text) for text in capsys.readouterr().out.splitlines()]
+    assert line["prompt"] == "Tell me about valdor." and set(line) == {"prompt", "completion", "qas"}
+    dataset = str(tmp_path / "rows.jsonl")
+    rows = [{"prompt": "Tell me about valdor.", "completion": "<QA> which rivers are in valdor? <A> a <A> b"}] * 2
+    Path(dataset).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output = tmp_path / "metrics.json"
+    argv = ["--adapter", str(adapter_in_process), "--dataset_name", dataset, "--max_new_tokens", "8"]
+    run_evaluate([*argv, "--output", str(output)])
+    metrics = json.loads(output.read_text())["metrics"]
+    assert metrics["num_examples"] == 2 and 0 <= metrics["set_f1"] <= 1
