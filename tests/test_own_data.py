@@ -102,6 +102,29 @@ def test_structured_rows_passed_from_python_are_converted(tmp_path):
     trainer.train()
 
 
+def test_a_dict_of_structured_eval_datasets_is_converted_each(tmp_path):
+    """`eval_dataset={"a": ..., "b": ...}` of structured rows: each one is converted with the config's separators,
+    as the train dataset is (TRL would refuse the `qas` column of any left as it is)."""
+    from trl_qaloss.data import format_qas
+
+    tokenizer = build_tokenizer()
+    other = [{"context": "context carl", "qas": [{"question": "who?", "answers": ["carl"]}]}] * 4
+    trainer = QALossSFTTrainer(
+        model=tiny_llama(len(tokenizer)),
+        args=qa_config(tmp_path, eval_strategy="steps", eval_steps=1),
+        train_dataset=Dataset.from_list(STRUCTURED),
+        eval_dataset={"a": Dataset.from_list(STRUCTURED), "b": Dataset.from_list(other)},
+        processing_class=tokenizer,
+    )
+    assert set(trainer.eval_dataset) == {"a", "b"}
+    for name, rows in (("a", STRUCTURED), ("b", other)):
+        expected = tokenizer(format_qas(rows[0])["completion"], add_special_tokens=False)["input_ids"]
+        first = trainer.eval_dataset[name][0]
+        evaluated = [t for t, label in zip(first["input_ids"], first["labels"], strict=True) if label != -100]
+        assert evaluated[: len(expected)] == expected, name
+        assert "qas" not in trainer.eval_dataset[name].column_names
+
+
 def test_max_length_that_cuts_answers_warns_with_the_counts(tmp_path, caplog):
     tokenizer = build_tokenizer()
     with caplog.at_level(logging.WARNING, logger="trl_qaloss"):
