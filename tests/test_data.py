@@ -242,3 +242,25 @@ def test_every_demo_asset_is_package_data():
     assert {"model_long/model.safetensors", "data_long/train.jsonl", "data_hard/eval.jsonl"} <= set(assets)
     missing = [a for a in assets if not any(fnmatch.fnmatch(a, pattern) for pattern in patterns)]
     assert not missing, f"add to [tool.setuptools.package-data] in pyproject.toml: {missing}"
+
+
+def test_make_long_part_writes_its_base_and_held_out_combinations(tmp_path):
+    """`make_long_part` end to end at a tiny size (16 rows, 2 pretraining steps of 2 paragraphs), into `tmp_path`:
+    the base it writes has the 512-position context and the `LONG_VOCAB_SIZE` tokenizer that the long task's rows
+    need, and its rows split into train and eval counts as asked, every eval row a question combination that no train
+    row asks. The rows are the first ones of the shipped task: the long task's own random stream."""
+    from transformers import AutoConfig
+
+    make_demo.make_long_part(0, tmp_path, pretrain_steps=2, num_train=12, num_eval=4, batch_size=2)
+    config = AutoConfig.from_pretrained(tmp_path / "model_long")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model_long")
+    assert config.max_position_embeddings == 512 and tokenizer.model_max_length == 512
+    assert config.vocab_size == len(tokenizer) == make_demo.LONG_VOCAB_SIZE == 1024
+    assert tokenizer.convert_tokens_to_ids(["<QA>", "<A>"]) == [3, 4] and config.pad_token_id == tokenizer.pad_token_id
+    rows = {}
+    for split in ("train", "eval"):
+        with open(tmp_path / "data_long" / f"{split}.jsonl") as f:
+            rows[split] = [json.loads(line) for line in f]
+    assert len(rows["train"]) == 12 and len(rows["eval"]) == 4
+    assert not {r["context"] for r in rows["eval"]} & {r["context"] for r in rows["train"]}
+    assert rows["train"] + rows["eval"] == demo_rows("train", "data_long")[:16]
