@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from tests.testing_utils import ROOT
 from trl_qaloss import QASeparators
-from trl_qaloss.data import format_qas, format_qas_dataset, load_qa_dataset
+from trl_qaloss.data import format_qas, format_qas_dataset, load_qa_dataset, qa_completion
 from trl_qaloss.demo import DATA_DIR, HARD_DATA_DIR, LONG_DATA_DIR, LONG_MODEL_DIR, MODEL_DIR, make_demo
 from trl_qaloss.engine.parsing import parse_row
 
@@ -173,6 +173,21 @@ def test_conversational_prompt():
 def test_custom_separators():
     out = format_qas({"context": "c", "qas": [{"question": "q", "answers": ["a"]}]}, qa_token="[Q]", answer_token="[A]")
     assert out["completion"] == " [Q] q? [A] a"
+
+
+def test_a_question_end_of_several_characters():
+    """`question_end="::"`: a question that ends with it is kept as it is, one without gets it appended, and one that
+    holds it before its end is refused wherever it is, also within its last characters (the set loss would end the
+    question there: `who::x` would be written `who::x::`, read as the question `who::`)."""
+
+    def completion(question: str) -> str:
+        return qa_completion([{"question": question, "answers": ["a"]}], question_end="::")
+
+    assert completion("who::") == " <QA> who:: <A> a"
+    assert completion("who") == " <QA> who:: <A> a"
+    for question in ("who:: x", "who::x", "a::b::"):
+        with pytest.raises(ValueError, match=r'`qas\[0\].question` contains "::" before its end'):
+            completion(question)
 
 
 @pytest.mark.parametrize(
