@@ -225,6 +225,29 @@ def test_local_jsonl_is_converted_and_bad_rows_are_named(tmp_path):
     assert dataset["train"][0]["completion"] == " <QA> q? <A> a <A> b"
 
 
+def test_a_file_mixing_context_and_prompt_rows_is_converted(tmp_path):
+    """`datasets` gives every row of the file both columns, null in the one a row does not have: each row is
+    converted from the column it has, and the null in the other is no second prompt."""
+    qas = [{"question": "q", "answers": ["a"]}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"context": "c", "qas": qas}) + "\n" + json.dumps({"prompt": "p", "qas": qas}) + "\n")
+    dataset = load_qa_dataset(str(path))["train"]
+    assert dataset.column_names == ["prompt", "completion"]
+    assert list(dataset) == [
+        {"prompt": "c", "completion": " <QA> q? <A> a"},
+        {"prompt": "p", "completion": " <QA> q? <A> a"},
+    ]
+
+
+def test_a_file_of_blank_lines_only_is_empty(tmp_path):
+    """A .jsonl file of blank lines holds no rows: it is said to be empty, not to have a blank line to remove (which
+    would leave an empty file, refused next)."""
+    path = tmp_path / "blank.jsonl"
+    path.write_text("\n  \n\n")
+    with pytest.raises(ValueError, match=r"blank\.jsonl is empty: it has no rows\."):
+        load_qa_dataset(str(path))
+
+
 @pytest.mark.parametrize("directory", [DATA_DIR, HARD_DATA_DIR, LONG_DATA_DIR])
 def test_demo_directory_loads_both_splits(directory):
     dataset = load_qa_dataset(str(directory))
