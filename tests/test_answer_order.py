@@ -14,6 +14,7 @@ from tests.testing_utils import qa_text, random_batch
 from trl_qaloss import reorder_answers, set_matching_loss
 from trl_qaloss.engine.parsing import parse_row_answers
 from trl_qaloss.engine.reference import reorder_answers_reference
+from trl_qaloss.engine.scoring import LogitsScorer
 
 ORDERS = ("data", "canonical", "preferred", "aligned")
 
@@ -143,6 +144,39 @@ def test_answers_spanning_an_unlabelled_position_keep_their_order():
         logits = torch.randn(*ids.shape, VOCAB)
         new_ids, new_labels = reorder_answers(ids, labels, SEPS, order, logits=logits)
         assert torch.equal(new_ids, ids) and torch.equal(new_labels, labels)
+
+
+class CountingScorer(LogitsScorer):
+    """A real scorer that counts the questions it is asked (each one a forward pass for `ModelScorer`)."""
+
+    def __init__(self, logits):
+        super().__init__(logits)
+        self.calls = 0
+
+    def logits_at(self, positions):
+        self.calls += 1
+        return super().logits_at(positions)
+
+    def argmax(self, targets):
+        self.calls += 1
+        return super().argmax(targets)
+
+
+@pytest.mark.parametrize("order", ["preferred", "aligned"])
+def test_a_batch_without_two_answers_to_an_item_never_asks_the_scorer(order):
+    """Nothing to order: the model orders skip the scorer, so the trainer runs no extra forward pass for the batch."""
+    ids, labels = encode_rows(
+        ["ctx: <QA> who? <A> bob <QA> where? <A> rome<eos>", "ctx: <QA> who? <QA> what? <A> ann carl<eos>", "ctx<eos>"]
+    )
+    scorer = CountingScorer(torch.randn(*ids.shape, VOCAB))
+    new_ids, new_labels = reorder_answers(ids, labels, SEPS, order, scorer=scorer)
+    assert scorer.calls == 0
+    assert torch.equal(new_ids, ids) and torch.equal(new_labels, labels)
+    # One item with two answers in the batch: the scorer is asked, once.
+    ids, labels = encode_rows(["ctx: <QA> who? <A> bob <QA> where? <A> rome <A> paris<eos>"])
+    scorer = CountingScorer(torch.randn(*ids.shape, VOCAB))
+    reorder_answers(ids, labels, SEPS, order, scorer=scorer)
+    assert scorer.calls == 1
 
 
 @pytest.mark.parametrize("order", ORDERS[1:])

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from tests.testing_utils import nf4_quantization, slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,22 +240,61 @@ def test_set_vs_sft_benchmark_stops_before_any_run_without_matplotlib(tmp_path):
     assert result.stdout == "" and not out.parent.exists()
 
 
-def test_set_vs_sft_benchmark_flags_that_need_each_other(tmp_path, capsys):
+def set_vs_sft_module():
+    """`benchmarks/set_vs_sft.py` imported as a module, as the script runs it."""
     import importlib.util
-
-    import pytest
 
     spec = importlib.util.spec_from_file_location("set_vs_sft", ROOT / "benchmarks" / "set_vs_sft.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # its dataclasses look their module up
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_set_vs_sft_benchmark_flags_that_need_each_other(tmp_path, capsys):
+    bench = set_vs_sft_module()
+    # Should a check be missing, `main` goes on to report the runs of an empty file, rather than to run the benchmark.
+    no_runs = tmp_path / "no_runs.jsonl"
+    no_runs.write_text("")
     for argv, message in [
         (["--model", "m"], "--model and --data go together"),
         (["--data", "d"], "--model and --data go together"),
         (["--lora"], "--lora needs --model and --data"),
         (["--model", "m", "--data", "d", "--lora_r", "8"], "--lora_r is the rank of --lora"),
         (["--max_length", "64"], "--max_length and --max_new_tokens size a task of your own"),
+        (["--max_new_tokens", "64"], "--max_length and --max_new_tokens size a task of your own"),
     ]:
         with pytest.raises(SystemExit) as error:
-            bench.main([*argv, "--out", str(tmp_path / "x")])
+            bench.main([*argv, "--out", str(tmp_path / "x"), "--report_from", str(no_runs)])
         assert error.value.code == 2 and message in capsys.readouterr().err
+
+
+def write_qa_rows(path: Path, count: int, tag: str = "row") -> None:
+    """`count` structured rows, each with a prompt of its own, in a .jsonl file."""
+    rows = [{"context": f"{tag} {i}", "qas": [{"question": "who?", "answers": ["ann"]}]} for i in range(count)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize("rows, held_out", [(5, 1), (40, 4), (2010, 200)])
+def test_set_vs_sft_holds_out_a_tenth_of_the_rows_at_least_one_at_most_200(tmp_path, rows, held_out):
+    """A dataset without a `test` split: 10% of its rows are held out, at least one (a dataset under 10 rows) and at
+    most 200; the same rows on every call, since every method and seed must be measured on the same rows."""
+    bench = set_vs_sft_module()
+    write_qa_rows(tmp_path / "mine.jsonl", rows)
+    task = bench.Task(str(tmp_path / "mine.jsonl"), "no model needed", 0, 0)
+    train, held = bench.split_data(task)
+    assert len(held) == held_out and len(train) == rows - held_out
+    assert not set(train["prompt"]) & set(held["prompt"])
+    _, again = bench.split_data(task)
+    assert again["prompt"] == held["prompt"]
+
+
+def test_set_vs_sft_holds_out_a_datasets_own_test_split(tmp_path):
+    """A directory with a `test` split (`test.jsonl`): its rows are the held-out rows, all of them, and every train
+    row is trained on."""
+    bench = set_vs_sft_module()
+    write_qa_rows(tmp_path / "train.jsonl", 30, tag="train")
+    write_qa_rows(tmp_path / "test.jsonl", 3, tag="test")
+    train, held = bench.split_data(bench.Task(str(tmp_path), "no model needed", 0, 0))
+    assert held["prompt"] == ["test 0", "test 1", "test 2"]
+    assert len(train) == 30 and all(prompt.startswith("train ") for prompt in train["prompt"])

@@ -14,7 +14,13 @@ from trl import SFTConfig
 from tests.testing_utils import DEMO_RECIPE, SHORT_RUN, config_values, error_lines, run_cli, slow, tiny_llama
 from trl_qaloss import QALossConfig
 from trl_qaloss.cli.training import parse_args
-from trl_qaloss.compat import SettingsCheck, checkpointing_arguments, installed_versions, is_checkpointing
+from trl_qaloss.compat import (
+    SettingsCheck,
+    check_fsdp_took_effect,
+    checkpointing_arguments,
+    installed_versions,
+    is_checkpointing,
+)
 from trl_qaloss.config import as_qaloss_config
 from trl_qaloss.errors import UsageError
 
@@ -73,6 +79,49 @@ def test_an_sft_config_keeps_its_setting(tmp_path, enabled):
         warnings.simplefilter("error", FutureWarning)
         args = as_qaloss_config(sft, None)
     assert args.activation_checkpointing is enabled and args.gradient_checkpointing is enabled
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_checkpointing_arguments_use_the_name_the_release_knows_without_a_warning(tmp_path, enabled):
+    """The arguments name the field the installed transformers calls current: the old name, where it is an alias,
+    warns that it is deprecated on every config built with it."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    arguments = checkpointing_arguments(enabled, dict(KWARGS))
+    knows_current = "activation_checkpointing" in {f.name for f in fields(TrainingArguments)}
+    current = "activation_checkpointing" if knows_current else "gradient_checkpointing"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        sft = SFTConfig(**no_checkpointing_values(tmp_path), **arguments)
+    assert sft.gradient_checkpointing is enabled and sft.gradient_checkpointing_kwargs == KWARGS
+    assert arguments == {current: enabled, f"{current}_kwargs": KWARGS}
+
+
+def test_installed_versions_skip_a_package_that_is_not_installed():
+    """A package that is not installed is left out, and the list goes on after it."""
+    import torch
+
+    assert installed_versions(("no-such-package-qaloss", "torch")) == f"torch {torch.__version__}"
+    assert installed_versions(("no-such-package-qaloss",)) == ""
+
+
+@pytest.mark.parametrize("value", ["1", "true", "True"])
+def test_an_fsdp_launch_that_did_not_shard_stops(monkeypatch, value):
+    """accelerate's launch writes `ACCELERATE_USE_FSDP` as `true` from a config, and `1` is as much a yes: either
+    stops a run whose FSDP did not take effect."""
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", value)
+    with pytest.raises(UsageError, match=r"asks for FSDP .* \(distributed type NO; accelerate 1\."):
+        check_fsdp_took_effect(False, DistributedType.NO)
+    check_fsdp_took_effect(True, DistributedType.FSDP)  # it took effect
+    for unset in ("0", "false"):
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", unset)
+        check_fsdp_took_effect(False, DistributedType.NO)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    check_fsdp_took_effect(False, DistributedType.NO)
 
 
 def test_a_model_that_does_not_checkpoint_stops_training(tmp_path):

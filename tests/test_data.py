@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from tests.testing_utils import ROOT
 from trl_qaloss import QASeparators
-from trl_qaloss.data import format_qas, format_qas_dataset, load_qa_dataset
+from trl_qaloss.data import format_qas, format_qas_dataset, load_qa_dataset, qa_completion
 from trl_qaloss.demo import DATA_DIR, HARD_DATA_DIR, LONG_DATA_DIR, LONG_MODEL_DIR, MODEL_DIR, make_demo
 from trl_qaloss.engine.parsing import parse_row
 
@@ -175,6 +175,21 @@ def test_custom_separators():
     assert out["completion"] == " [Q] q? [A] a"
 
 
+def test_a_question_end_of_several_characters():
+    """`question_end="::"`: a question that ends with it is kept as it is, one without gets it appended, and one that
+    holds it before its end is refused wherever it is, also within its last characters (the set loss would end the
+    question there: `who::x` would be written `who::x::`, read as the question `who::`)."""
+
+    def completion(question: str) -> str:
+        return qa_completion([{"question": question, "answers": ["a"]}], question_end="::")
+
+    assert completion("who::") == " <QA> who:: <A> a"
+    assert completion("who") == " <QA> who:: <A> a"
+    for question in ("who:: x", "who::x", "a::b::"):
+        with pytest.raises(ValueError, match=r'`qas\[0\].question` contains "::" before its end'):
+            completion(question)
+
+
 @pytest.mark.parametrize(
     "row, field",
     [
@@ -210,6 +225,29 @@ def test_local_jsonl_is_converted_and_bad_rows_are_named(tmp_path):
     assert dataset["train"][0]["completion"] == " <QA> q? <A> a <A> b"
 
 
+def test_a_file_mixing_context_and_prompt_rows_is_converted(tmp_path):
+    """`datasets` gives every row of the file both columns, null in the one a row does not have: each row is
+    converted from the column it has, and the null in the other is no second prompt."""
+    qas = [{"question": "q", "answers": ["a"]}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"context": "c", "qas": qas}) + "\n" + json.dumps({"prompt": "p", "qas": qas}) + "\n")
+    dataset = load_qa_dataset(str(path))["train"]
+    assert dataset.column_names == ["prompt", "completion"]
+    assert list(dataset) == [
+        {"prompt": "c", "completion": " <QA> q? <A> a"},
+        {"prompt": "p", "completion": " <QA> q? <A> a"},
+    ]
+
+
+def test_a_file_of_blank_lines_only_is_empty(tmp_path):
+    """A .jsonl file of blank lines holds no rows: it is said to be empty, not to have a blank line to remove (which
+    would leave an empty file, refused next)."""
+    path = tmp_path / "blank.jsonl"
+    path.write_text("\n  \n\n")
+    with pytest.raises(ValueError, match=r"blank\.jsonl is empty: it has no rows\."):
+        load_qa_dataset(str(path))
+
+
 @pytest.mark.parametrize("directory", [DATA_DIR, HARD_DATA_DIR, LONG_DATA_DIR])
 def test_demo_directory_loads_both_splits(directory):
     dataset = load_qa_dataset(str(directory))
@@ -242,3 +280,25 @@ def test_every_demo_asset_is_package_data():
     assert {"model_long/model.safetensors", "data_long/train.jsonl", "data_hard/eval.jsonl"} <= set(assets)
     missing = [a for a in assets if not any(fnmatch.fnmatch(a, pattern) for pattern in patterns)]
     assert not missing, f"add to [tool.setuptools.package-data] in pyproject.toml: {missing}"
+
+
+def test_make_long_part_writes_its_base_and_held_out_combinations(tmp_path):
+    """`make_long_part` end to end at a tiny size (16 rows, 2 pretraining steps of 2 paragraphs), into `tmp_path`:
+    the base it writes has the 512-position context and the `LONG_VOCAB_SIZE` tokenizer that the long task's rows
+    need, and its rows split into train and eval counts as asked, every eval row a question combination that no train
+    row asks. The rows are the first ones of the shipped task: the long task's own random stream."""
+    from transformers import AutoConfig
+
+    make_demo.make_long_part(0, tmp_path, pretrain_steps=2, num_train=12, num_eval=4, batch_size=2)
+    config = AutoConfig.from_pretrained(tmp_path / "model_long")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model_long")
+    assert config.max_position_embeddings == 512 and tokenizer.model_max_length == 512
+    assert config.vocab_size == len(tokenizer) == make_demo.LONG_VOCAB_SIZE == 1024
+    assert tokenizer.convert_tokens_to_ids(["<QA>", "<A>"]) == [3, 4] and config.pad_token_id == tokenizer.pad_token_id
+    rows = {}
+    for split in ("train", "eval"):
+        with open(tmp_path / "data_long" / f"{split}.jsonl") as f:
+            rows[split] = [json.loads(line) for line in f]
+    assert len(rows["train"]) == 12 and len(rows["eval"]) == 4
+    assert not {r["context"] for r in rows["eval"]} & {r["context"] for r in rows["train"]}
+    assert rows["train"] + rows["eval"] == demo_rows("train", "data_long")[:16]

@@ -23,6 +23,10 @@ from trl_qaloss import QALossSFTTrainer
         ({"answer_token": ""}, r"`answer_token` must be a non-empty string"),
         ({"qa_token": "<A>"}, r"`qa_token` and `answer_token` must differ"),
         ({"question_end": "<QA>"}, r"`question_end`='<QA>' is a separator.*'\?'"),
+        # the answer separator too, not only `qa_token`
+        ({"question_end": "<A>"}, r"`question_end`='<A>' is a separator"),
+        # bool is an int: True would complete one prompt at each evaluation
+        ({"eval_generate_samples": True}, r"`eval_generate_samples` must be an integer >= 0, got True"),
         ({"set_loss_reduction": "none"}, r"`set_loss_reduction` must be one of \('mean', 'sum'\)"),
     ],
 )

@@ -66,6 +66,20 @@ def test_the_default_eval_split_is_a_tenth_drawn_with_the_seed(tmp_path):
     assert splits[0] == splits[1] and not set(splits[0][0]) & set(splits[0][1])
 
 
+def test_the_split_off_eval_rows_follow_the_seed(tmp_path):
+    """`--seed` draws the eval rows split off: the same seed the same rows, another seed others."""
+    from trl_qaloss.cli.training import load_datasets, parse_args
+
+    data = tmp_path / own_jsonl(tmp_path)
+    held_out = {}
+    for seed in ("1", "1", "2"):
+        script_args, training_args, _, dataset_args = parse_args(["--dataset_name", str(data), "--seed", seed])
+        _, evaluation = load_datasets(script_args, training_args, dataset_args)
+        held_out.setdefault(seed, []).append(sorted(evaluation["completion"]))
+    assert held_out["1"][0] == held_out["1"][1] != held_out["2"][0]
+    assert len(held_out["2"][0]) == 4
+
+
 def test_a_one_row_dataset_trains_without_evaluation(tmp_path, caplog):
     from trl_qaloss.cli.training import load_datasets, parse_args
 
@@ -100,6 +114,29 @@ def test_structured_rows_passed_from_python_are_converted(tmp_path):
     trained = [t for t, label in zip(first["input_ids"], first["labels"], strict=True) if label != -100]
     assert trained[: len(expected)] == expected
     trainer.train()
+
+
+def test_a_dict_of_structured_eval_datasets_is_converted_each(tmp_path):
+    """`eval_dataset={"a": ..., "b": ...}` of structured rows: each one is converted with the config's separators,
+    as the train dataset is (TRL would refuse the `qas` column of any left as it is)."""
+    from trl_qaloss.data import format_qas
+
+    tokenizer = build_tokenizer()
+    other = [{"context": "context carl", "qas": [{"question": "who?", "answers": ["carl"]}]}] * 4
+    trainer = QALossSFTTrainer(
+        model=tiny_llama(len(tokenizer)),
+        args=qa_config(tmp_path, eval_strategy="steps", eval_steps=1),
+        train_dataset=Dataset.from_list(STRUCTURED),
+        eval_dataset={"a": Dataset.from_list(STRUCTURED), "b": Dataset.from_list(other)},
+        processing_class=tokenizer,
+    )
+    assert set(trainer.eval_dataset) == {"a", "b"}
+    for name, rows in (("a", STRUCTURED), ("b", other)):
+        expected = tokenizer(format_qas(rows[0])["completion"], add_special_tokens=False)["input_ids"]
+        first = trainer.eval_dataset[name][0]
+        evaluated = [t for t, label in zip(first["input_ids"], first["labels"], strict=True) if label != -100]
+        assert evaluated[: len(expected)] == expected, name
+        assert "qas" not in trainer.eval_dataset[name].column_names
 
 
 def test_max_length_that_cuts_answers_warns_with_the_counts(tmp_path, caplog):
@@ -176,3 +213,17 @@ def test_own_data_gets_its_own_output_dir_and_a_word_about_the_demo_model(tmp_pa
     with caplog.at_level(logging.WARNING, logger="trl_qaloss"):
         _, training_args, _, _ = parse_args([])  # the demo itself
     assert training_args.output_dir == "outputs/demo-cpu" and not caplog.text
+
+
+def test_own_data_output_dir_from_a_recipe_output_dir_ending_in_a_slash(tmp_path):
+    """A recipe's `output_dir: outputs/mine/` gets the dataset's name after the folder's (`outputs/mine-my`), not
+    inside it (`outputs/mine/-my`, a hidden-looking folder within the recipe's own output)."""
+    from trl_qaloss.cli.training import parse_args
+
+    data = str(tmp_path / own_jsonl(tmp_path))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        Path(DEMO_RECIPE).read_text().replace("output_dir: outputs/demo-cpu\n", "output_dir: outputs/mine/\n")
+    )
+    _, training_args, _, _ = parse_args(["--config", str(recipe), "--dataset_name", data])
+    assert training_args.output_dir == "outputs/mine-my"

@@ -71,6 +71,19 @@ def test_logits_at_equals_the_full_logits(lora_trainer, keeps_logits):
         torch.testing.assert_close(got, LogitsScorer(logits).logits_at(positions), rtol=1e-5, atol=1e-5)
 
 
+def test_logits_at_a_middle_run_and_a_single_middle_position(lora_trainer):
+    """Adjacent positions that stop before the row's end, and one position in the middle, are contiguous but are no
+    tail: `logits_to_keep` must get them as an index tensor. Kept as an int (a count from the end), they would read
+    the last positions' logits instead."""
+    batch = first_batch(lora_trainer)
+    logits = full_logits(lora_trainer.model, batch)
+    length = logits.size(1)
+    for positions in (torch.arange(2, 6), torch.arange(length - 5, length - 1), torch.tensor([length // 2])):
+        assert int(positions[-1]) < length - 1
+        got = model_scorer(lora_trainer, batch, split=False).logits_at(positions)
+        torch.testing.assert_close(got, logits[:, positions], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("order", MODEL_ORDERS)
 @pytest.mark.parametrize("split", [True, False], ids=["backbone-and-head", "wrapped-forward"])
 def test_the_model_orders_like_its_full_logits(lora_trainer, order, split):

@@ -79,7 +79,7 @@ def qa_completion(
                     'and "answers" (a list of strings).'
                 )
         question = _clean(qa["question"], f"{name}.question", where, (qa_token, answer_token))
-        if question_end in question[: -len(question_end)]:
+        if question_end in question.removesuffix(question_end):
             raise ValueError(
                 f"{where}: field `{name}.question` contains {_json(question_end)} before its end: the set "
                 f"loss ends the question there. Rephrase it: {_json(question)}."

@@ -95,6 +95,7 @@ MODEL_CONFIG = dict(
     tie_word_embeddings=False,
 )
 LONG_MODEL_CONFIG = {**MODEL_CONFIG, "max_position_embeddings": 512}
+LONG_VOCAB_SIZE = 1024  # tokens of the long task's own tokenizer
 
 
 def make_names(rng: random.Random, count: int, taken: set[str]) -> list[str]:
@@ -337,36 +338,46 @@ def long_rng(seed: int) -> random.Random:
     return random.Random(f"long-{seed}")
 
 
-def make_long_task(rng: random.Random) -> tuple[dict, list[dict]]:
-    """`(facts, rows)` of the long task; the first `NUM_TRAIN` rows train, the rest eval."""
+def make_long_task(rng: random.Random, num_rows: int = NUM_TRAIN + NUM_EVAL) -> tuple[dict, list[dict]]:
+    """`(facts, rows)` of the long task, `num_rows` rows; the first `NUM_TRAIN` rows train, the rest eval."""
     world = make_long_world(rng)
-    return world, make_rows(world, LONG_QUESTIONS, rng, NUM_TRAIN + NUM_EVAL, LONG_TOPICS_PER_ROW)
+    return world, make_rows(world, LONG_QUESTIONS, rng, num_rows, LONG_TOPICS_PER_ROW)
 
 
-def make_long_part(seed: int, out: Path, pretrain_steps: int) -> None:
-    """`data_long/` and its base `model_long/`: the tiny Llama with a 512-token context, pretrained on the long
-    task's facts two topics at a time (a paragraph of all six would be up to 700 tokens)."""
+def make_long_part(
+    seed: int,
+    out: Path,
+    pretrain_steps: int,
+    num_train: int = NUM_TRAIN,
+    num_eval: int = NUM_EVAL,
+    batch_size: int = 32,
+) -> None:
+    """`data_long/` and its base `model_long/`: the tiny Llama with a 512-token context and a `LONG_VOCAB_SIZE`
+    tokenizer, pretrained on the long task's facts two topics at a time (a paragraph of all six would be up to 700
+    tokens). `num_train`, `num_eval` and `batch_size` (of the pretraining) make it smaller, for a test; the defaults
+    make the shipped assets."""
     from trl_qaloss.data import format_qas
 
     rng = long_rng(seed)
-    world, rows = make_long_task(rng)
-    write_split(out / "data_long", "train", rows[:NUM_TRAIN])
-    write_split(out / "data_long", "eval", rows[NUM_TRAIN:])
+    world, rows = make_long_task(rng, num_train + num_eval)
+    write_split(out / "data_long", "train", rows[:num_train])
+    write_split(out / "data_long", "eval", rows[num_train:])
     texts = [fact_paragraph(world, LONG_QUESTIONS, c, rng) for c in sorted(world) for _ in range(5)]
-    texts += [r["prompt"] + r["completion"] for r in (format_qas(row, i) for i, row in enumerate(rows[:NUM_TRAIN]))]
-    tokenizer = make_tokenizer(texts, vocab_size=1024, model_max_length=512)
+    texts += [r["prompt"] + r["completion"] for r in (format_qas(row, i) for i, row in enumerate(rows[:num_train]))]
+    tokenizer = make_tokenizer(texts, vocab_size=LONG_VOCAB_SIZE, model_max_length=512)
     model = pretrain(
         [(world, LONG_QUESTIONS)],
         tokenizer,
         rng,
         seed,
         pretrain_steps,
+        batch_size=batch_size,
         model_config=LONG_MODEL_CONFIG,
         topics_per_text=2,
     )
     model.save_pretrained(out / "model_long")
     tokenizer.save_pretrained(out / "model_long")
-    print(f"wrote {NUM_TRAIN} train and {NUM_EVAL} eval rows of the long task and its base to {out}")
+    print(f"wrote {num_train} train and {num_eval} eval rows of the long task and its base to {out}")
 
 
 def make_tasks(rng: random.Random) -> dict[str, tuple[dict, dict[str, str], list[dict]]]:
