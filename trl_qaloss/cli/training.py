@@ -504,9 +504,10 @@ def end_processes() -> None:
     Left to the interpreter's teardown, the group can abort a process at exit (`terminate called without an active
     exception`): a gloo worker thread that drops its last finished collective releases tensors, which needs the
     GIL, and a thread that asks for the GIL while the interpreter finalizes is made to exit in the middle of that
-    C++ destructor. A launch that trained and saved correctly would then exit non-zero. Destroying the group joins
-    those threads first. The barrier makes every process reach it together, as torch.distributed's docs ask. Runs
-    only after success: a failed process must not wait here for the others.
+    C++ destructor (CPython 3.14 blocks that thread forever instead: a hang at exit). A launch that trained and
+    saved correctly would then exit non-zero, or never exit. Destroying the group joins those threads first. The
+    barrier makes every process reach it together, as torch.distributed's docs ask. Runs only after success: a
+    failed process must not wait here for the others.
     """
     import gc
 
