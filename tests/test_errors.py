@@ -28,6 +28,10 @@ from trl_qaloss import QALossSFTTrainer
         # bool is an int: True would complete one prompt at each evaluation
         ({"eval_generate_samples": True}, r"`eval_generate_samples` must be an integer >= 0, got True"),
         ({"set_loss_reduction": "none"}, r"`set_loss_reduction` must be one of \('mean', 'sum'\)"),
+        # each evaluation count at its own minimum: 0 samples turns the evaluation off, 0 tokens would generate nothing
+        ({"eval_generate_samples": -1}, r"`eval_generate_samples` must be an integer >= 0, got -1"),
+        ({"eval_max_new_tokens": 0}, r"`eval_max_new_tokens` must be an integer >= 1, got 0"),
+        ({"eval_generate_batch_size": 0}, r"`eval_generate_batch_size` must be an integer >= 1, got 0"),
     ],
 )
 def test_invalid_config_fields(tmp_path, overrides, match):

@@ -251,6 +251,21 @@ def test_sft_config_is_converted(model, tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "model_name, output_dir",
+    [
+        ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5-0.5B-Instruct-QALoss"),
+        ("/models/tiny/", "tiny-QALoss"),
+        ("m", "m-QALoss"),
+    ],
+)
+def test_without_args_the_output_dir_is_named_after_the_model(model_name, output_dir):
+    """As `SFTTrainer` names its default `output_dir` `<model>-SFT`: the last part of the model's name or path."""
+    from trl_qaloss.config import as_qaloss_config
+
+    assert as_qaloss_config(None, model_name).output_dir == output_dir
+
+
+@pytest.mark.parametrize(
     "field, value, match",
     [
         ("lambda_ce", -1.0, "lambda_ce"),
