@@ -298,3 +298,26 @@ def test_set_vs_sft_holds_out_a_datasets_own_test_split(tmp_path):
     train, held = bench.split_data(bench.Task(str(tmp_path), "no model needed", 0, 0))
     assert held["prompt"] == ["test 0", "test 1", "test 2"]
     assert len(train) == 30 and all(prompt.startswith("train ") for prompt in train["prompt"])
+
+
+def test_set_vs_sft_held_out_batches_keep_every_row_once_and_label_only_the_completions(tmp_path):
+    """The held-out rows in batches, the last one short: every row once, in data order, and only its completion
+    tokens (and EOS) labelled, so that every method is scored on the same targets."""
+    from transformers import AutoTokenizer
+
+    from trl_qaloss.data import load_qa_dataset
+    from trl_qaloss.demo import MODEL_DIR
+
+    bench = set_vs_sft_module()
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    write_qa_rows(tmp_path / "mine.jsonl", 5)
+    rows = load_qa_dataset(str(tmp_path / "mine.jsonl"))["train"]
+    batches = bench.heldout_batches(tokenizer, rows, batch_size=2)
+    assert [len(batch["input_ids"]) for batch in batches] == [2, 2, 1]
+    for start, batch in zip((0, 2, 4), batches, strict=True):
+        for k, row in enumerate(rows.select(range(start, min(start + 2, len(rows))))):
+            prompt, completion = bench.prompt_completion_ids(tokenizer, row)
+            length = len(prompt) + len(completion)
+            assert batch["input_ids"][k, :length].tolist() == prompt + completion
+            assert batch["labels"][k, :length].tolist() == [-100] * len(prompt) + completion
+            assert batch["attention_mask"][k].sum() == length and (batch["labels"][k, length:] == -100).all()
