@@ -227,6 +227,8 @@ def test_set_vs_sft_benchmark_stops_before_any_run_without_matplotlib(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub.parent), str(ROOT)]), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "results" / "bench"
     command = [sys.executable, str(ROOT / "benchmarks" / "set_vs_sft.py"), "--quick", "--workers", "1"]
+    # The smallest benchmark, so that a check that comes too late fails in seconds (at the plot), not minutes.
+    command += ["--seeds", "0", "--max_steps", "1", "--evals", "1", "--eval_rows", "1", "--methods", "plain SFT"]
     result = subprocess.run(
         [*command, "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
