@@ -286,6 +286,23 @@ def test_config_both_weights_zero(tmp_path):
         qa_config(tmp_path, lambda_ce=0.0, lambda_set=0.0)
 
 
+@pytest.mark.parametrize("options", [{"loss_type": "dft"}, {"label_smoothing_factor": 0.1}], ids=["dft", "smoothing"])
+def test_sft_loss_options_work_with_an_answer_order_when_lambda_set_is_zero(model, tokenizer, tmp_path, options):
+    """`lambda_set=0` with `answer_order="canonical"` (the defaults) is SFT on reordered targets: the loss options
+    that only the set loss refuses are accepted, and they change the loss."""
+
+    def loss(**extra):
+        args = qa_config(tmp_path, lambda_set=0.0, answer_order="canonical", **extra)
+        trainer = QALossSFTTrainer(
+            model=copy.deepcopy(model), args=args, train_dataset=qa_dataset(), processing_class=tokenizer
+        )
+        trainer.model.train()
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, dict(first_batch(trainer)))
+
+    assert not torch.allclose(loss(**options), loss(), rtol=1e-4, atol=0)
+
+
 def test_unsupported_combinations(model, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="loss_type"):
         QALossSFTTrainer(
