@@ -303,6 +303,43 @@ def test_sft_loss_options_work_with_an_answer_order_when_lambda_set_is_zero(mode
     assert not torch.allclose(loss(**options), loss(), rtol=1e-4, atol=0)
 
 
+CUSTOM_CODE = """from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class CustomConfig(LlamaConfig):
+    model_type = "custom-llama"
+
+
+class CustomForCausalLM(LlamaForCausalLM):
+    config_class = CustomConfig
+"""
+
+
+def test_trust_remote_code_in_model_init_kwargs_loads_a_model_with_its_own_code(model, tokenizer, tmp_path):
+    """A model directory that brings its own modeling code loads when `model_init_kwargs` trusts it, as the command
+    line passes a recipe's `trust_remote_code: true`; the field's default (False) does not override it."""
+    import json
+
+    directory = tmp_path / "custom"
+    model.save_pretrained(directory)
+    (directory / "modeling_custom.py").write_text(CUSTOM_CODE)
+    config = json.loads((directory / "config.json").read_text())
+    config["model_type"], config["architectures"] = "custom-llama", ["CustomForCausalLM"]
+    config["auto_map"] = {
+        "AutoConfig": "modeling_custom.CustomConfig",
+        "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+
+    def build(**init_kwargs):
+        args = qa_config(tmp_path, model_init_kwargs=init_kwargs or None)
+        return QALossSFTTrainer(model=str(directory), args=args, train_dataset=qa_dataset(), processing_class=tokenizer)
+
+    assert type(build(trust_remote_code=True).model).__name__ == "CustomForCausalLM"
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        build()  # its own code runs only when trusted
+
+
 def test_unsupported_combinations(model, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="loss_type"):
         QALossSFTTrainer(
