@@ -165,6 +165,26 @@ def test_max_length_that_cuts_nothing_is_silent(tmp_path, caplog):
     assert "max_length" not in caplog.text
 
 
+def test_max_length_that_cuts_only_the_end_of_sequence_is_silent(tmp_path, caplog):
+    """Rows are truncated, but only past their last answer (the EOS): no target answer is cut, so no warning."""
+    tokenizer = build_tokenizer()
+
+    def trainer(max_length):
+        return QALossSFTTrainer(
+            model=tiny_llama(len(tokenizer)),
+            args=qa_config(tmp_path, max_length=max_length),
+            train_dataset=Dataset.from_list(STRUCTURED),
+            processing_class=tokenizer,
+        )
+
+    longest = max(len(row["input_ids"]) for row in trainer(128).train_dataset)
+    assert tokenizer.decode(trainer(128).train_dataset[0]["input_ids"][-1:]) == tokenizer.eos_token
+    with caplog.at_level(logging.WARNING, logger="trl_qaloss"):
+        truncated = trainer(longest - 1).train_dataset
+    assert max(len(row["input_ids"]) for row in truncated) == longest - 1  # a row was truncated
+    assert "max_length" not in caplog.text
+
+
 @slow
 def test_report_to_tensorboard_writes_the_set_metrics(tmp_path):
     pytest.importorskip("tensorboard", reason="the `tracking` extra is not installed")
