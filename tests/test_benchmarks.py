@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tests.testing_utils import nf4_quantization, slow
 
@@ -323,3 +324,19 @@ def test_set_vs_sft_held_out_batches_keep_every_row_once_and_label_only_the_comp
             assert batch["input_ids"][k, :length].tolist() == prompt + completion
             assert batch["labels"][k, :length].tolist() == [-100] * len(prompt) + completion
             assert batch["attention_mask"][k].sum() == length and (batch["labels"][k, length:] == -100).all()
+
+
+def test_the_offline_models_have_the_sizes_asked_for():
+    """`trl_qaloss.testing_utils` builds the benchmarks' and the tests' models: a size given overrides the tiny
+    default, for Llama and for another architecture, and the same seed draws the same weights."""
+    from transformers import Qwen2Config
+
+    from trl_qaloss.testing_utils import random_llama, random_model
+
+    llama = random_llama(64, hidden_size=48, num_hidden_layers=1, pad_token_id=0)
+    assert (llama.config.hidden_size, llama.config.num_hidden_layers, llama.config.pad_token_id) == (48, 1, 0)
+    assert llama.config.vocab_size == 64 and llama.config.intermediate_size == 64  # the defaults where none is given
+    qwen = random_model(Qwen2Config, 64, max_position_embeddings=512)
+    assert qwen.config.model_type == "qwen2" and qwen.config.max_position_embeddings == 512
+    again = random_llama(64, hidden_size=48, num_hidden_layers=1, pad_token_id=0)
+    assert all(torch.equal(a, b) for a, b in zip(llama.state_dict().values(), again.state_dict().values(), strict=True))

@@ -65,6 +65,7 @@ def test_missing_and_extra_questions():
     missing = scores(WHO + "<A> Ann", WHO + "<A> Ann <QA> Where? <A> Paris <A> Rome")
     assert_set(missing, 0.5, 0.5, 0.5)
     assert missing["cardinality_error"] == pytest.approx(1.0)  # (0 + 2) / 2
+    assert missing["cardinality_bias"] == pytest.approx(-1.0)  # (0 - 2) / 2: the missing answers are too few
     assert (missing["questions_expected"], missing["questions_predicted"], missing["questions_matched"]) == (2, 1, 1)
     assert missing["matched_question_set_f1"] == 1.0
     # An extra predicted question adds no reference question: it shows only in the question counts.
