@@ -179,6 +179,31 @@ def test_demo_trains_4bit_qlora_and_saves_the_adapter(demo_run):
     assert state["log_history"][0]["loss"] == trainer.state.log_history[0]["loss"]
 
 
+def test_the_summary_shows_the_last_evaluation(demo_run):
+    """After a run that evaluated more than once, the table printed at the end is the last evaluation's."""
+    from trl_qaloss.callbacks import QASetEvalCallback
+    from trl_qaloss.cli.training import SUMMARY_METRICS, run_summary
+
+    trainer, out = demo_run
+    # The run had no evaluation: its training rows stand in for the held-out ones, for the callback whose examples
+    # the summary prints.
+    eval_dataset, trainer.eval_dataset = trainer.eval_dataset, trainer.train_dataset
+    callback = QASetEvalCallback(trainer)
+    trainer.add_callback(callback)
+    saved = list(trainer.state.log_history), callback.last_examples
+    try:
+        for value in (0.111, 0.999):  # two evaluations, the later one last in the log
+            trainer.state.log_history.append({f"eval_{name}": value for name in SUMMARY_METRICS})
+        callback.last_examples = [("Tell me about valdor.", "<QA> which rivers? <A> a", "<QA> which rivers? <A> a")]
+        script_args, training_args, model_args, _ = parse_args(["--config", str(DEMO), "--output_dir", str(out)])
+        text = run_summary(trainer, script_args, training_args, model_args)
+    finally:
+        trainer.state.log_history[:], callback.last_examples = saved
+        trainer.remove_callback(callback)
+        trainer.eval_dataset = eval_dataset
+    assert "exact_set_match     0.999" in text and "0.111" not in text
+
+
 def test_saved_adapter_reloads_onto_the_4bit_base_with_the_same_logits(demo_run):
     from peft import PeftModel
     from safetensors.torch import load_file
