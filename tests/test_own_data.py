@@ -177,8 +177,9 @@ def test_max_length_that_cuts_only_the_end_of_sequence_is_silent(tmp_path, caplo
             processing_class=tokenizer,
         )
 
-    longest = max(len(row["input_ids"]) for row in trainer(128).train_dataset)
-    assert tokenizer.decode(trainer(128).train_dataset[0]["input_ids"][-1:]) == tokenizer.eos_token
+    whole = trainer(128).train_dataset
+    longest = max(len(row["input_ids"]) for row in whole)
+    assert tokenizer.decode(whole[0]["input_ids"][-1:]) == tokenizer.eos_token
     with caplog.at_level(logging.WARNING, logger="trl_qaloss"):
         truncated = trainer(longest - 1).train_dataset
     assert max(len(row["input_ids"]) for row in truncated) == longest - 1  # a row was truncated
