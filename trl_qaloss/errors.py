@@ -83,11 +83,3 @@ def report(error: UsageError, debug: bool = False) -> None:
         raise error
     print(f"trl-qaloss: error: {error}", file=sys.stderr)
     sys.exit(1)
-
-
-def check_model_path(name_or_path: str | None) -> None:
-    """Raise if `model_name_or_path` is unset, or names a local directory (`./...`, `/...`, `~/...`) that is missing."""
-    if not name_or_path:
-        raise ValueError("`model_name_or_path` must be set (a hub id or a local directory).")
-    if name_or_path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
-        raise FileNotFoundError(f"Model directory not found: {name_or_path!r} (from `model_name_or_path`).")

@@ -69,12 +69,14 @@ def load_for_inference(adapter: str | None = None, model_name_or_path: str | Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from ..errors import check_model_path
+    from ..model_source import check_model_source, missing_path_message
 
     if adapter is None and model_name_or_path is None:
         raise ValueError("Give `--adapter DIR` (a trained LoRA adapter) or `--model_name_or_path` (a full model).")
     info = {}
     if adapter is not None:
+        if not os.path.exists(adapter):
+            raise FileNotFoundError(missing_path_message(adapter, "Adapter directory", "--adapter"))
         if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
             raise FileNotFoundError(
                 f"{adapter!r} is not a LoRA adapter directory (no adapter_config.json). Give the `output_dir` of a "
@@ -87,7 +89,7 @@ def load_for_inference(adapter: str | None = None, model_name_or_path: str | Non
     else:
         base = model_name_or_path
     base = resolve_demo_path(base)
-    check_model_path(base)
+    check_model_source(base)  # with `--adapter`, `--model_name_or_path` gives its base another way
     cuda = torch.cuda.is_available()
     kwargs = {"dtype": info.get("dtype") or "auto"}
     if info.get("quantization_config"):

@@ -32,7 +32,8 @@ import yaml
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
 from ..demo import DEFAULT_RECIPE, DEMO_DIR, MODEL_DIR, resolve_demo_path
-from ..errors import UsageError, check_model_path, did_you_mean, user_errors, yaml_error_message
+from ..errors import UsageError, did_you_mean, user_errors, yaml_error_message
+from ..model_source import check_model_source
 
 if typing.TYPE_CHECKING:
     from ..config import QALossConfig
@@ -379,7 +380,7 @@ def build_trainer(script_args, training_args, model_args, dataset_args):
 
     from ..trainer import QALossSFTTrainer
 
-    check_model_path(model_args.model_name_or_path)
+    check_model_source(model_args.model_name_or_path, model_args.model_revision)
     check_report_to(training_args)
     quantization_config = get_quantization_config(model_args)
     model = model_args.model_name_or_path
@@ -520,8 +521,36 @@ def end_processes() -> None:
     dist.destroy_process_group()
 
 
+def flag_value(argv: list[str], name: str) -> str | None:
+    """The value of `--name VALUE` or `--name=VALUE` in `argv` (the last one wins, as in argparse), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        flag, _, inline = arg.partition("=")
+        if flag.lstrip("-").replace("-", "_") == name and flag.startswith("--"):
+            value = inline if inline else (argv[i + 1] if i + 1 < len(argv) else None)
+    return value
+
+
+def check_model_early(argv: list[str]) -> None:
+    """`check_model_source` on the model the flags or the recipe name, before the slow imports of the full parse, so
+    that a model that cannot be had stops the command within seconds."""
+    recipe = recipe_path(argv) or str(DEFAULT_RECIPE)
+    try:
+        with open(recipe) as file:
+            values = yaml.safe_load(file)
+    except yaml.YAMLError:
+        return  # the full parse reports where
+    values = values if isinstance(values, dict) else {}
+    name = flag_value(argv, "model_name_or_path") or values.get("model_name_or_path")
+    if name:  # unset: the full parse names the missing field
+        revision = flag_value(argv, "model_revision") or values.get("model_revision")
+        check_model_source(resolve_demo_path(str(name)), revision)
+
+
 def run_train(argv: list[str]) -> None:
     with user_errors():
+        if not {"-h", "--help"} & set(argv):
+            check_model_early(argv)
         parsed = parse_args(argv)
     train(*parsed)  # the trainer is dropped here, before the process group goes
     end_processes()
