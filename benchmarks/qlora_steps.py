@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"{args.recipe} does not load the model in 4-bit (`load_in_4bit: true`).")
     batch = training_args.per_device_train_batch_size * args.gradient_accumulation_steps
     synthetic_rows(work / "rows.jsonl", batch * steps, training_args.max_length + 8, tokenizer, args.seed)
-    train_dataset, _ = load_datasets(script_args, training_args, dataset_args)
+    train_dataset, _, _ = load_datasets(script_args, training_args, dataset_args)
 
     load_kwargs = model_init_kwargs(training_args, model_args)
     load_kwargs = {k: v for k, v in load_kwargs.items() if k in ("dtype", "attn_implementation") and v is not None}

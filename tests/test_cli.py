@@ -195,13 +195,14 @@ def test_the_summary_shows_the_last_evaluation(demo_run):
         for value in (0.111, 0.999):  # two evaluations, the later one last in the log
             trainer.state.log_history.append({f"eval_{name}": value for name in SUMMARY_METRICS})
         callback.last_examples = [("Tell me about valdor.", "<QA> which rivers? <A> a", "<QA> which rivers? <A> a")]
-        script_args, training_args, model_args, _ = parse_args(["--config", str(DEMO), "--output_dir", str(out)])
-        text = run_summary(trainer, script_args, training_args, model_args)
+        _, training_args, model_args, _ = parse_args(["--config", str(DEMO), "--output_dir", str(out)])
+        text = run_summary(trainer, training_args, model_args, heldout_recorded=True)
     finally:
         trainer.state.log_history[:], callback.last_examples = saved
         trainer.remove_callback(callback)
         trainer.eval_dataset = eval_dataset
     assert "exact_set_match     0.999" in text and "0.111" not in text
+    assert text.splitlines()[-1] == f"  trl-qaloss evaluate --adapter {out}"  # the run's own rows, recorded
 
 
 def test_saved_adapter_reloads_onto_the_4bit_base_with_the_same_logits(demo_run):

@@ -60,7 +60,7 @@ def test_the_default_eval_split_is_a_tenth_drawn_with_the_seed(tmp_path):
     splits = []
     for _ in range(2):
         script_args, training_args, _, dataset_args = parse_args(["--dataset_name", str(data)])
-        train, evaluation = load_datasets(script_args, training_args, dataset_args)
+        train, evaluation, _ = load_datasets(script_args, training_args, dataset_args)
         splits.append((list(train["completion"]), list(evaluation["completion"])))
     assert len(splits[0][0]) == 36 and len(splits[0][1]) == 4
     assert splits[0] == splits[1] and not set(splits[0][0]) & set(splits[0][1])
@@ -74,7 +74,7 @@ def test_the_split_off_eval_rows_follow_the_seed(tmp_path):
     held_out = {}
     for seed in ("1", "1", "2"):
         script_args, training_args, _, dataset_args = parse_args(["--dataset_name", str(data), "--seed", seed])
-        _, evaluation = load_datasets(script_args, training_args, dataset_args)
+        _, evaluation, _ = load_datasets(script_args, training_args, dataset_args)
         held_out.setdefault(seed, []).append(sorted(evaluation["completion"]))
     assert held_out["1"][0] == held_out["1"][1] != held_out["2"][0]
     assert len(held_out["2"][0]) == 4
@@ -86,7 +86,7 @@ def test_a_one_row_dataset_trains_without_evaluation(tmp_path, caplog):
     data = tmp_path / own_jsonl(tmp_path, rows=1)
     script_args, training_args, _, dataset_args = parse_args(["--dataset_name", str(data)])
     with caplog.at_level(logging.WARNING):
-        train, evaluation = load_datasets(script_args, training_args, dataset_args)
+        train, evaluation, _ = load_datasets(script_args, training_args, dataset_args)
     assert len(train) == 1 and evaluation is None and training_args.eval_strategy == "no"
     assert "none can be split off its 'train' split (it has 1 row): evaluation is off" in caplog.text
 

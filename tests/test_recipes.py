@@ -139,7 +139,7 @@ def test_recipe_settings_take_effect(recipe, tmp_path):
         warnings.simplefilter("always")
         # As `trl-qaloss` does: PEFT reads a property newer transformers releases call deprecated.
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        trainer = build_trainer(*parse_args(["--config", str(recipe), *swapped]))
+        trainer, _ = build_trainer(*parse_args(["--config", str(recipe), *swapped]))
         # before training: bitsandbytes repacks 4-bit weights for its CPU kernels on their first use
         check_4bit_and_lora(config, trainer.model)
         trainer.train()

@@ -45,7 +45,7 @@ def test_small_model_recipe_trains_a_tiny_qwen2_with_its_settings(tmp_path):
     # a recipe that runs as is on a CPU-only machine: bf16 only where a GPU has it
     assert training_args.bf16 == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
-    trainer = build_trainer(*parsed)
+    trainer, _ = build_trainer(*parsed)
     assert isinstance(trainer.model, PeftModel)
     lora = [m for m in trainer.model.modules() if isinstance(m, LoraLayer)]
     assert len(lora) == 14 and {m.r["default"] for m in lora} == {16}  # 2 layers x (q, k, v, o, gate, up, down)

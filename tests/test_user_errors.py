@@ -164,9 +164,13 @@ COMMAND_LINE_CASES = {
         ["train", "--max_steps", "1", "--answer_order", "bogus"],
         r"argument --answer_order/--answer-order: invalid choice: 'bogus' \(choose from 'data', 'canonical'",
     ),
-    "evaluate without a dataset": (
-        ["evaluate", "--adapter", "out"],
-        r"the following arguments are required: --dataset_name\. `trl-qaloss evaluate --help`",
+    "evaluate, missing adapter": (
+        ["evaluate", "--adapter", "out", "--dataset_name", "d"],
+        r"Adapter directory not found: 'out' \(from `--adapter`\)\.",
+    ),
+    "evaluate, no dataset and no record of held-out rows": (
+        ["evaluate", "--model_name_or_path", "."],
+        r"\. holds no record of held-out rows \(trl_qaloss_heldout\.json\).*rows to score with `--dataset_name`",
     ),
     "evaluate, zero rows": (
         ["evaluate", "--adapter", "out", "--dataset_name", "d", "--eval_generate_samples", "0"],

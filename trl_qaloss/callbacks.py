@@ -159,3 +159,13 @@ class QASetEvalCallback(TrainerCallback):
             trainer.log(dict(logs))
         finally:
             model.train(was_training)
+
+
+class StepCounter(TrainerCallback):
+    """Counts the optimizer steps a `train()` call takes (a resumed run's earlier steps not included)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.count += 1

@@ -148,6 +148,7 @@ class QALossConfig(SFTConfig):
             raise ValueError(
                 f"`question_end`={self.question_end!r} is a separator; set it to the text ending questions, e.g. '?'."
             )
+        check_run_numbers(self)
         check_answer_order(self.answer_order)
         check_choice("set_loss_reduction", self.set_loss_reduction, REDUCTIONS)
         check_choice("eval_match_questions", self.eval_match_questions, MATCH_QUESTIONS)
@@ -166,6 +167,51 @@ class QALossConfig(SFTConfig):
         resolve_checkpointing_names(self)
         super().__post_init__()
         mirror_checkpointing_names(self)
+
+
+# Numbers no run can use, refused before anything loads: (field, smallest value, whether it must be a whole number,
+# whether None is allowed). A negative `max_steps` other than -1, say, would otherwise train `num_train_epochs`
+# silently, and a negative `num_train_epochs` would train nothing and save an untrained model.
+NUMBER_RULES = (
+    ("num_train_epochs", 0, False, False),  # > 0, checked apart: 0 epochs train nothing
+    ("per_device_train_batch_size", 1, True, False),
+    ("per_device_eval_batch_size", 1, True, False),
+    ("gradient_accumulation_steps", 1, True, False),
+    ("max_length", 1, True, True),
+    ("learning_rate", 0, False, False),
+    ("warmup_steps", 0, False, False),
+    ("eval_steps", 0, False, True),  # > 0: a share of the run below 1, a number of steps from 1
+    ("eval_delay", 0, False, False),
+    ("eval_accumulation_steps", 1, True, True),
+    ("save_steps", 0, False, False),  # > 0, as eval_steps
+    ("dataloader_num_workers", 0, True, False),
+    ("dataset_num_proc", 1, True, True),
+)
+POSITIVE = {"num_train_epochs", "eval_steps", "save_steps"}
+
+
+def check_run_numbers(args: TrainingArguments) -> None:
+    """Raise a ValueError naming the first field of `NUMBER_RULES` (or `max_steps`) whose value no run can use."""
+    max_steps = args.max_steps
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or not (max_steps == -1 or max_steps >= 1):
+        raise ValueError(
+            f"`max_steps` must be a positive number of steps, or -1 to train `num_train_epochs` epochs; got "
+            f"{max_steps!r}."
+        )
+    for name, minimum, whole, optional in NUMBER_RULES:
+        if not hasattr(args, name):
+            continue  # a field the installed transformers or TRL release does not have
+        value = getattr(args, name)
+        if value is None and optional:
+            continue
+        kinds = (int,) if whole else (int, float)
+        ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (value > minimum if name in POSITIVE else value >= minimum)
+        if not ok:
+            what = "a whole number" if whole else "a number"
+            bound = f"> {minimum}" if name in POSITIVE else f">= {minimum}"
+            unset = " or unset" if optional else ""
+            raise ValueError(f"`{name}` must be {what} {bound}{unset}; got {value!r}.")
 
 
 def bf16_supported(use_cpu: bool) -> bool:

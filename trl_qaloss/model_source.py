@@ -53,7 +53,7 @@ def check_model_source(name_or_path: str | None, revision: str | None = None, fi
     if is_local_path(name_or_path) or os.path.exists(name_or_path):
         raise FileNotFoundError(missing_path_message(name_or_path, "Model directory", field))
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
     try:
         cached = try_to_load_from_cache(name_or_path, "config.json", revision=revision)

@@ -20,6 +20,7 @@ from ..data import read_jsonl
 from ..demo import portable_demo_path, resolve_demo_path
 from ..engine.options import SEPARATOR_FIELDS
 from ..errors import ArgumentParser
+from .heldout import read_heldout_record, rows_hash
 
 BASE_INFO_FILE = "trl_qaloss_base.json"
 
@@ -166,21 +167,29 @@ def read_prompts(path: str) -> list:
     return prompts
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+# The generation settings' defaults, where no training run's settings replace them.
+DEFAULTS = {"max_new_tokens": 256, "batch_size": 8}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """`--adapter` or `--model_name_or_path`, and the generation settings; `defaults=False` leaves those unset (None),
+    for `evaluate` to fill from the training run."""
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--adapter", help="directory of a trained LoRA adapter (the `output_dir` of `trl-qaloss train`)")
     which.add_argument("--model_name_or_path", help="a full model (hub id or directory) instead of an adapter")
-    parser.add_argument(
-        "--max_new_tokens", type=int, default=256, help="most tokens generated per prompt (default: %(default)s)"
-    )
-    parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (default: %(default)s)")
+    run = "" if defaults else ", or the training run's when evaluating its held-out rows"
+    settings = {"max_new_tokens": "most tokens generated per prompt", "batch_size": "prompts per generate call"}
+    for name, what in settings.items():
+        default = DEFAULTS[name] if defaults else None
+        parser.add_argument(f"--{name}", type=int, default=default, help=f"{what} (default: {DEFAULTS[name]}{run})")
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
-    for name in ("max_new_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("max_new_tokens", "batch_size", "eval_generate_samples"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be at least 1, got {value}")
     return args
 
 
@@ -256,45 +265,104 @@ def format_table(scores: dict[str, float]) -> str:
 
 def run_evaluate(argv: list[str]) -> None:
     """`trl-qaloss evaluate`: answer-set metrics of greedy completions on a dataset, printed and written as JSON."""
-    from ..data import load_qa_dataset
     from ..errors import user_errors
-    from ..metrics import answer_set_scores
 
     parser = ArgumentParser(
         prog="trl-qaloss evaluate",
         description="Answer-set metrics (set-F1, precision, recall, soft-F1, cardinality error, ...) of a trained "
-        "adapter's greedy completions against a dataset's reference answers.",
+        "adapter's greedy completions against a dataset's reference answers. Without --dataset_name: the held-out "
+        "rows the training run evaluated on, with its settings, so the numbers are those it ended with.",
     )
-    add_model_arguments(parser)
-    parser.add_argument("--dataset_name", required=True, help="a .jsonl file, a directory of them, or a hub dataset")
+    add_model_arguments(parser, defaults=False)
+    parser.add_argument(
+        "--dataset_name",
+        help="a .jsonl file, a directory of them, or a hub dataset (default: the run's own held-out rows, which "
+        "`trl-qaloss train` records with the model)",
+    )
     parser.add_argument(
         "--dataset_split", help="split to evaluate (default: 'test' if the dataset has it, else 'train')"
     )
-    parser.add_argument("--eval_generate_samples", type=int, help="evaluate only the first N rows (default: all)")
+    parser.add_argument(
+        "--eval_generate_samples", type=int, help="evaluate only the first N rows (default: all, or the run's number)"
+    )
     parser.add_argument(
         "--output",
         metavar="FILE.json",
         help="where to write the metrics (default: eval_results.json in the adapter directory, or the current one)",
     )
     args = _parse(parser, argv)
-    if args.eval_generate_samples is not None and args.eval_generate_samples < 1:
-        parser.error(f"--eval_generate_samples must be at least 1, got {args.eval_generate_samples}")
     with user_errors():
+        # The run's record is read first: without one, the command stops before any model loads.
+        record = {} if args.dataset_name else read_heldout_record(args.adapter or args.model_name_or_path)
         loaded = load_for_inference(args.adapter, args.model_name_or_path)
-        separators = dict(zip(SEPARATOR_FIELDS, loaded.separators, strict=True))
-        dataset = load_qa_dataset(resolve_demo_path(args.dataset_name), **separators)
-        split = args.dataset_split or ("test" if "test" in dataset else "train")
-        if split not in dataset:
-            raise ValueError(f"The dataset has no split {split!r} (it has {sorted(dataset)}); set `--dataset_split`.")
-        rows = dataset[split]
-        if args.eval_generate_samples is not None:
-            rows = rows.select(range(min(args.eval_generate_samples, len(rows))))
-        pairs = [prompt_and_reference(row, row_location(args.dataset_name, split, i)) for i, row in enumerate(rows)]
-        completions = complete(loaded, [p for p, _ in pairs], args.max_new_tokens, args.batch_size)
-        scores = answer_set_scores(completions, [r for _, r in pairs], *loaded.separators)
+        rows = evaluation_rows(args, loaded.separators, record)
+        pairs = [prompt_and_reference(row, rows.location(i)) for i, row in enumerate(rows.rows)]
+        if rows.expected_hash is not None and rows_hash(pairs) != rows.expected_hash:
+            print(
+                f"trl-qaloss: warning: {rows.description} differ from the rows the training run evaluated on: the "
+                "dataset changed since, so the numbers may differ from the run's.",
+                file=sys.stderr,
+            )
+        scores = score(loaded, pairs, args)
         output = args.output or os.path.join(args.adapter or ".", "eval_results.json")
-        result = {"dataset_name": args.dataset_name, "split": split, "num_rows": len(pairs), "metrics": scores}
+        result = {**rows.summary, "num_rows": len(pairs), "metrics": scores}
         with open(output, "w") as file:
             json.dump(result, file, indent=2)
     print(format_table(scores))
-    print(f"Metrics of {len(pairs)} rows of {args.dataset_name} [{split}] written to {os.path.abspath(output)}")
+    print(f"Metrics of {len(pairs)} rows of {rows.description} written to {os.path.abspath(output)}")
+
+
+@dataclass
+class EvaluationRows:
+    """The rows `evaluate` scores: `rows` (a `datasets.Dataset`), what to call them, where each is for errors
+    (`location(index)`), what to record with the metrics, and the hash of the run's rows to compare with (or None)."""
+
+    rows: object
+    description: str
+    summary: dict
+    dataset_name: str
+    split: str
+    expected_hash: str | None = None
+
+    def location(self, index: int) -> str:
+        return row_location(self.dataset_name, self.split, index)
+
+
+def evaluation_rows(args: argparse.Namespace, separators: tuple[str, str, str], record: dict) -> EvaluationRows:
+    """The rows to score: `--dataset_name`'s, or, without it, the held-out rows of the training run's `record`
+    (`read_heldout_record`), whose settings then fill the flags not given. Applies `--eval_generate_samples`."""
+    from ..data import load_qa_dataset
+
+    expected_hash = record.get("rows_sha256")
+    dataset_name, split, config = args.dataset_name, args.dataset_split, None
+    if record:
+        dataset_name, split, config = record["dataset_name"], record["split"], record.get("dataset_config")
+    for name, recorded in (("eval_generate_samples", "num_rows"), ("max_new_tokens", None), ("batch_size", None)):
+        if getattr(args, name) is None:
+            setattr(args, name, record.get(recorded or name, DEFAULTS.get(name)))
+    separators = dict(zip(SEPARATOR_FIELDS, separators, strict=True))
+    dataset = load_qa_dataset(resolve_demo_path(dataset_name), config, **separators)
+    split = split or ("test" if "test" in dataset else "train")
+    if split not in dataset:
+        raise ValueError(f"The dataset has no split {split!r} (it has {sorted(dataset)}); set `--dataset_split`.")
+    rows = dataset[split]
+    if args.eval_generate_samples is not None:
+        if args.eval_generate_samples != record.get("num_rows"):
+            expected_hash = None  # other rows than the run's
+        rows = rows.select(range(min(args.eval_generate_samples, len(rows))))
+    args.match_questions = record.get("match_questions", "position")
+    if "rows_file" in record:
+        description, summary = "the run's held-out rows", {"dataset_name": dataset_name, "split": "held out"}
+    else:
+        description, summary = f"{dataset_name} [{split}]", {"dataset_name": dataset_name, "split": split}
+    return EvaluationRows(rows, description, summary, dataset_name, split, expected_hash)
+
+
+def score(loaded: LoadedModel, pairs: list[tuple], args: argparse.Namespace) -> dict[str, float]:
+    """The answer-set metrics of greedy completions of the `(prompt, reference)` pairs."""
+    from ..metrics import answer_set_scores
+
+    completions = complete(loaded, [p for p, _ in pairs], args.max_new_tokens, args.batch_size)
+    return answer_set_scores(
+        completions, [r for _, r in pairs], *loaded.separators, match_questions=args.match_questions
+    )

@@ -31,9 +31,10 @@ import yaml
 # Everything heavy (the config, which imports torch, the trainer, the models) is imported by the command that runs.
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-from ..demo import DEFAULT_RECIPE, DEMO_DIR, MODEL_DIR, resolve_demo_path
+from ..demo import DEFAULT_RECIPE, DEMO_DIR, MODEL_DIR, portable_demo_path, resolve_demo_path
 from ..errors import UsageError, did_you_mean, user_errors, yaml_error_message
 from ..model_source import check_model_source
+from .heldout import HeldOut, write_heldout_record
 
 if typing.TYPE_CHECKING:
     from ..config import QALossConfig
@@ -237,7 +238,8 @@ def model_init_kwargs(training_args: QALossConfig, model_args: ModelConfig) -> d
 
 
 def load_datasets(script_args: QALossScriptArguments, training_args: QALossConfig, dataset_args: DatasetMixtureConfig):
-    """The train and eval datasets, structured rows converted with the recipe's separators."""
+    """`(train dataset, eval dataset or None, HeldOut)`: structured rows converted with the recipe's separators; the
+    `HeldOut` says where the eval rows come from (a named split, or split off the training rows by this run)."""
     from trl import get_dataset
 
     from ..data import format_qas_dataset, load_qa_dataset
@@ -262,6 +264,7 @@ def load_datasets(script_args: QALossScriptArguments, training_args: QALossConfi
             "set `dataset_train_split`."
         )
     train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
+    named_split = test_split in dataset and not dataset_args.datasets
     if test_split in dataset or training_args.eval_strategy == "no":
         if dataset_args.test_split_size is not None and not dataset_args.datasets:
             why = f"the dataset has a {test_split!r} split" if test_split in dataset else "evaluation is off"
@@ -271,7 +274,12 @@ def load_datasets(script_args: QALossScriptArguments, training_args: QALossConfi
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = dataset[test_split]
-    return dataset[train_split], eval_dataset
+    source = None
+    if named_split:
+        name = script_args.dataset_name
+        name = portable_demo_path(os.path.abspath(name)) if os.path.exists(name) else name  # a hub id as it is
+        source = {"dataset_name": name, "dataset_config": script_args.dataset_config, "split": test_split}
+    return dataset[train_split], eval_dataset, HeldOut(source, eval_dataset)
 
 
 def split_off_eval(dataset, train_split: str, test_split: str, size: float | int | None, training_args):
@@ -375,7 +383,8 @@ def check_report_to(training_args: QALossConfig) -> None:
 
 
 def build_trainer(script_args, training_args, model_args, dataset_args):
-    """The `QALossSFTTrainer` of parsed arguments: the model, the datasets and the checks of both, not yet trained."""
+    """`(QALossSFTTrainer, HeldOut)` of parsed arguments: the trainer with the model, the datasets and the checks of
+    both, not yet trained, and where its eval rows come from."""
     from trl import get_peft_config, get_quantization_config
 
     from ..trainer import QALossSFTTrainer
@@ -390,9 +399,9 @@ def build_trainer(script_args, training_args, model_args, dataset_args):
     if isinstance(model, str) and model != model_args.model_name_or_path:
         kwargs.pop("revision")  # the random weights were written locally
     training_args.model_init_kwargs = kwargs
-    train_dataset, eval_dataset = load_datasets(script_args, training_args, dataset_args)
+    train_dataset, eval_dataset, heldout = load_datasets(script_args, training_args, dataset_args)
 
-    return QALossSFTTrainer(
+    trainer = QALossSFTTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -400,6 +409,7 @@ def build_trainer(script_args, training_args, model_args, dataset_args):
         quantization_config=quantization_config if isinstance(model, str) else None,
         peft_config=get_peft_config(model_args),
     )
+    return trainer, heldout
 
 
 def train(script_args, training_args, model_args, dataset_args):
@@ -410,8 +420,15 @@ def train(script_args, training_args, model_args, dataset_args):
     from .inference import write_base_model_info
 
     with user_errors():
-        trainer = build_trainer(script_args, training_args, model_args, dataset_args)
-    trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
+        trainer, heldout = build_trainer(script_args, training_args, model_args, dataset_args)
+    from ..callbacks import StepCounter
+
+    steps = StepCounter()
+    trainer.add_callback(steps)
+    resume = resume_argument(training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
+    if steps.count == 0:
+        raise UsageError(no_steps_message(trainer, resume))
     trainer.accelerator.print("Training completed.")
     if trainer.eval_dataset is not None and training_args.eval_strategy != "no" and not evaluated_last(trainer):
         trainer.evaluate()  # the run ends evaluated, whatever `max_steps` and `eval_steps` are
@@ -420,12 +437,48 @@ def train(script_args, training_args, model_args, dataset_args):
     trainer.save_state()  # trainer_state.json: the logged losses and metrics, next to the saved weights
     if trainer.accelerator.is_main_process:
         write_base_model_info(training_args.output_dir, model_args, training_args)
-    if trainer.accelerator.is_main_process:
-        print(run_summary(trainer, script_args, training_args, model_args))
+        recorded = record_heldout(trainer, heldout)
+        print(run_summary(trainer, training_args, model_args, recorded))
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"Pushed to the Hub: https://huggingface.co/{trainer.hub_model_id}")
     return trainer
+
+
+def no_steps_message(trainer, resume) -> str:
+    """Why a run took no training step, and that it saved nothing."""
+    args = trainer.args
+    rows = len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else "a stream of"
+    why = f"max_steps={args.max_steps}, num_train_epochs={args.num_train_epochs}, {rows} training rows"
+    if resume:
+        why += f", resumed at step {trainer.state.global_step}: raise `max_steps` to train further"
+    return f"The run trained 0 steps ({why}), so nothing was saved."
+
+
+def record_heldout(trainer, heldout: HeldOut) -> bool:
+    """Record in `output_dir` the rows and settings of the run's answer-set evaluation, for `trl-qaloss evaluate
+    --adapter DIR`; whether it did (not when nothing was evaluated, or the rows are not ones `evaluate` reads)."""
+    from ..callbacks import QASetEvalCallback
+    from .inference import prompt_and_reference
+
+    callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, QASetEvalCallback)), None)
+    if heldout.rows is None or not hasattr(heldout.rows, "__len__"):
+        return False
+    num_rows = min(callback.num_samples, len(heldout.rows)) if callback is not None else len(heldout.rows)
+    try:
+        pairs = [prompt_and_reference(row, f"Row {i}") for i, row in enumerate(heldout.rows.select(range(num_rows)))]
+    except ValueError as error:
+        logger.warning("`trl-qaloss evaluate` cannot read the eval rows (%s): give it a dataset of its own.", error)
+        return False
+    settings = {"num_rows": num_rows}
+    if callback is not None:
+        settings.update(
+            max_new_tokens=callback.max_new_tokens,
+            batch_size=callback.batch_size,
+            match_questions=callback.match_questions,
+        )
+    write_heldout_record(trainer.args.output_dir, heldout, settings, pairs)
+    return True
 
 
 def evaluated_last(trainer) -> bool:
@@ -446,16 +499,16 @@ SUMMARY_METRICS = {
 SUMMARY_EXAMPLES = 3
 
 
-def run_summary(trainer, script_args, training_args, model_args) -> str:
+def run_summary(trainer, training_args, model_args, heldout_recorded: bool) -> str:
     """What `train` prints at the end: the last answer-set evaluation (a table and a few held-out examples, generated
     and reference answer sets side by side), where the model is, and the `generate` and `evaluate` commands to run
     next with the evaluation's own settings."""
     from ..callbacks import QASetEvalCallback
-    from ..demo import portable_demo_path
 
     output_dir = training_args.output_dir
     what = "LoRA adapter" if model_args.use_peft else "Model"
-    option = f"--adapter {output_dir}" if model_args.use_peft else f"--model_name_or_path {output_dir}"
+    option = "--adapter" if model_args.use_peft else "--model_name_or_path"
+    option = f"{option} {shlex.quote(output_dir)}"
     callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, QASetEvalCallback)), None)
     examples = callback.last_examples if callback is not None else []
     metrics = next((log for log in reversed(trainer.state.log_history) if "eval_exact_set_match" in log), None)
@@ -472,13 +525,8 @@ def run_summary(trainer, script_args, training_args, model_args) -> str:
     prompt = examples[0][0].strip() if examples else "Tell me about valdor: its rivers."
     max_new_tokens = f" --max_new_tokens {callback.max_new_tokens}" if callback is not None else ""
     lines += ["Next:", f"  trl-qaloss generate {option} --prompt {shlex.quote(prompt)}{max_new_tokens}"]
-    dataset = portable_demo_path(script_args.dataset_name)
-    if examples and dataset:
-        lines.append(
-            f"  trl-qaloss evaluate {option} --dataset_name {shlex.quote(dataset)} --dataset_split "
-            f"{script_args.dataset_test_split} --eval_generate_samples {len(examples)}{max_new_tokens} --batch_size "
-            f"{callback.batch_size}"
-        )
+    if heldout_recorded:
+        lines.append(f"  trl-qaloss evaluate {option}")
     return "\n".join(lines)
 
 
