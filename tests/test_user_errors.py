@@ -196,8 +196,10 @@ def test_help_of_generate_and_evaluate_shows_the_defaults(tmp_path, command):
     result = run_cli(command, "--help", cwd=tmp_path)
     assert result.returncode == 0
     help_text = " ".join(result.stdout.split())
-    assert "most tokens generated per prompt (default: 256)" in help_text
-    assert "prompts per generate call (default: 8)" in help_text
+    # `evaluate` of a run's own held-out rows uses the run's settings instead
+    run = ", or the training run's when evaluating its held-out rows" if command == "evaluate" else ""
+    assert f"most tokens generated per prompt (default: 256{run})" in help_text
+    assert f"prompts per generate call (default: 8{run})" in help_text
 
 
 def test_evaluate_names_a_row_without_a_prompt(tmp_path):
