@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from datasets import Dataset
@@ -111,16 +112,38 @@ def test_eval_dataset_without_the_fields_it_needs(tmp_path):
         )
 
 
-def test_completions_without_items(make_trainer):
+@pytest.mark.parametrize(
+    "config, offered, not_offered",
+    [
+        ({"lambda_set": 1.0, "answer_order": "data"}, r"or set `lambda_set=0` to train", "answer_order=data"),
+        ({"lambda_set": 0.0, "answer_order": "canonical"}, r"or set `answer_order=data` to train", "lambda_set=0"),
+        ({"lambda_set": 1.0, "answer_order": "canonical"}, r"or set `lambda_set=0` and `answer_order=data`", None),
+    ],
+)
+def test_completions_without_items(make_trainer, config, offered, not_offered):
+    """One line naming the separator fields, their values and a row; it offers only the settings that would work."""
     rows = [{"prompt": "who wrote it?", "completion": " ann and bob"}] * 4
-    match = r"(?s)No row of `train_dataset` has a target answer.*without `qa_token`='<QA>'.*row 0: ' ann and bob<eos>'"
-    with pytest.raises(ValueError, match=match + r".*set `lambda_set=0`"):
-        make_trainer(Dataset.from_list(rows))
+    with pytest.raises(ValueError) as error:
+        make_trainer(Dataset.from_list(rows), **config)
+    message = str(error.value)
+    assert "\n" not in message
+    assert re.search(
+        r"No row of `train_dataset` has a question/answer item.*rows without '<QA>' in their trained "
+        r"tokens, e.g\. row 0: ' ann and bob<eos>'",
+        message,
+    ), message
+    assert re.search(
+        r"set `qa_token` \(now '<QA>'\), `answer_token` \(now '<A>'\) and `question_end` \(now '\?'\)", message
+    ), message
+    assert re.search(offered, message), message
+    assert not_offered is None or not_offered not in message, message
 
 
 def test_items_without_question_end(make_trainer):
     rows = [{"prompt": "quiz:", "completion": " <QA> who wrote it <A> ann <A> bob"}] * 4
-    with pytest.raises(ValueError, match=r"(?s)items but no answer.*`question_end`='\?'.*row 0: ' <QA> who wrote it"):
+    with pytest.raises(
+        ValueError, match=r"items but no answer \(no '\?' followed by '<A>'.*row 0: ' <QA> who wrote it"
+    ):
         make_trainer(Dataset.from_list(rows))
 
 
@@ -131,7 +154,7 @@ def test_items_only_in_user_turns(make_trainer):
     tokenizer = build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     messages = [{"role": "user", "content": "<QA> who? <A> ann"}, {"role": "assistant", "content": "no idea"}]
-    with pytest.raises(ValueError, match=r"without `qa_token`='<QA>'.*'no idea<eos>'"):
+    with pytest.raises(ValueError, match=r"without '<QA>' in their trained tokens.*'no idea<eos>'"):
         make_trainer(Dataset.from_list([{"messages": messages}] * 4), tokenizer=tokenizer, assistant_only_loss=True)
 
 

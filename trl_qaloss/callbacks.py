@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 import torch
 from accelerate.utils import gather_object
@@ -12,6 +13,8 @@ from trl.models.utils import unwrap_model_for_generation
 from .engine.options import MATCH_QUESTIONS, check_choice
 from .generation import greedy_completions, hidden_token_ids
 from .metrics import answer_set_scores
+
+logger = logging.getLogger(__name__)
 
 
 def split_prompt_and_reference(input_ids: list[int], labels: list[int], row: int) -> tuple[list[int], list[int]]:
@@ -29,6 +32,27 @@ def split_prompt_and_reference(input_ids: list[int], labels: list[int], row: int
         )
     end = next((i for i in range(first, len(labels)) if labels[i] == -100), len(labels))
     return list(input_ids[:first]), list(input_ids[first:end])
+
+
+def warn_if_no_item_parses(references: list[str], separators: tuple[str, str, str], name: str) -> None:
+    """Warn when no reference of an eval dataset parses into a question with an answer: every answer-set metric would
+    then be 0 at every evaluation, whatever the model learns."""
+    from .engine.parsing import parse_qa_text
+
+    if references and not any(item.answers for ref in references for item in parse_qa_text(ref, *separators)):
+        qa_token, answer_token, question_end = separators
+        logger.warning(
+            "No reference completion of the %d %s rows the answer-set evaluation reads holds a question/answer item "
+            "with an answer (qa_token=%r, answer_token=%r, question_end=%r; e.g. %r), so eval_set_f1 and the other "
+            "answer-set metrics will be 0. Set `qa_token`, `answer_token` and `question_end` to the separators the "
+            "data uses.",
+            len(references),
+            name,
+            qa_token,
+            answer_token,
+            question_end,
+            references[0][:120],
+        )
 
 
 class QASetEvalCallback(TrainerCallback):
@@ -96,8 +120,8 @@ class QASetEvalCallback(TrainerCallback):
         self.tokenizer = tokenizer.tokenizer if isinstance(tokenizer, ProcessorMixin) else tokenizer
         self._hidden_ids = hidden_token_ids(self.tokenizer, self.separators[:2])
         datasets = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}
-        for dataset in datasets.values():  # fail at start-up, not at the first evaluation
-            self._samples(dataset)
+        for name, dataset in datasets.items():  # fail at start-up, not at the first evaluation
+            warn_if_no_item_parses(self._samples(dataset)[1], self.separators, name)
 
     def _samples(self, dataset) -> tuple[list[list[int]], list[str]]:
         """Prompt ids and reference texts of the first `num_samples` rows of a tokenized eval dataset."""

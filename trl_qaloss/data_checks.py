@@ -158,32 +158,36 @@ def reasons_without_answer(targets: torch.Tensor, seps: QASeparators) -> list[st
 
 
 def no_target_message(name: str, first: dict[str, tuple[int, list[int]]], tokenizer, args) -> str:
-    """The error when no row of `name` has a target answer: an example row (`first`: index and labels) of each
-    reason found, then the fixes, named with the separators of `args`."""
+    """One line for when no row of `name` has a target answer: an example row (`first`: index and labels) of each
+    reason found, and the fixes that work with the settings of `args` (the `QALossConfig`)."""
     qa_token, answer_token, question_end = args.qa_token, args.answer_token, args.question_end
-    lines = [
-        f"No row of `{name}` has a target answer among its trained tokens, so the set loss would be 0 at every step:"
-    ]
+    found = []
     if "all_masked" in first:
-        lines.append(f"- rows whose labels are all masked (-100), e.g. row {first['all_masked'][0]};")
+        found.append(f"rows whose labels are all masked (-100), e.g. row {first['all_masked'][0]}")
     if "no_qa" in first:
         index, row = first["no_qa"]
-        lines.append(
-            f"- rows without `qa_token`={qa_token!r} in their trained tokens, e.g. row {index}: "
-            f"{_trained_text(row, tokenizer)};"
+        found.append(
+            f"rows without {qa_token!r} in their trained tokens, e.g. row {index}: {_trained_text(row, tokenizer)}"
         )
     if "no_answer" in first:
         index, row = first["no_answer"]
-        lines.append(
-            f"- rows with items but no answer (no token with `question_end`={question_end!r} followed by "
-            f"`answer_token`={answer_token!r} and an answer), e.g. row {index}: {_trained_text(row, tokenizer)}."
+        found.append(
+            f"rows with items but no answer (no {question_end!r} followed by {answer_token!r} and an answer), e.g. row "
+            f"{index}: {_trained_text(row, tokenizer)}"
         )
-    lines.append(
-        "Fix: put the items in the trained part (the completion, or the assistant turns) as "
-        f"`{qa_token} question? {answer_token} answer {answer_token} answer`, set `qa_token`, `answer_token` and "
-        "`question_end` to what the data uses, or set `lambda_set=0` to train with the SFT loss only."
+    # What reads the items: the set loss (`lambda_set > 0`) and every answer order but "data".
+    readers = [f"the set loss (lambda_set={args.lambda_set:g})"] if args.lambda_set > 0 else []
+    readers += [f"answer_order={args.answer_order!r}"] if args.answer_order != "data" else []
+    plain = " and ".join(
+        ["`lambda_set=0`"] * (args.lambda_set > 0) + ["`answer_order=data`"] * (args.answer_order != "data")
     )
-    return "\n".join(lines)
+    return (
+        f"No row of `{name}` has a question/answer item with an answer among its trained tokens, which "
+        f"{' and '.join(readers)} need{'s' if len(readers) == 1 else ''}: {'; '.join(found)}. Fix: set `qa_token` "
+        f"(now {qa_token!r}), `answer_token` (now {answer_token!r}) and `question_end` (now {question_end!r}) to the "
+        f"separators the data uses, or write the completions as `{qa_token} question{question_end} {answer_token} "
+        f"answer {answer_token} answer`; or set {plain} to train with the plain SFT loss on the data as it is."
+    )
 
 
 def check_set_targets(dataset, seps: QASeparators, tokenizer, name: str, args, hint: str | None = None) -> None:
