@@ -20,6 +20,8 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from ._log_filters import quiet_dataset_preparation
+
 STRUCTURED_FIELDS = ("context", "prompt", "qas")
 # Rows with these columns are in one of TRL's own formats and are passed to the trainer as they are.
 TRL_FORMATS = ({"prompt", "completion"}, {"messages"}, {"text"})
@@ -161,6 +163,7 @@ def is_structured(column_names: Sequence[str]) -> bool:
     return "qas" in column_names
 
 
+@quiet_dataset_preparation()
 def format_qas_dataset(
     dataset,
     *,
@@ -257,6 +260,7 @@ def format_structured(
     )
 
 
+@quiet_dataset_preparation()
 def load_qa_dataset(name_or_path: str, config: str | None = None, streaming: bool = False, **kwargs):
     """Load a dataset from the hub, a local directory, or a local `.json`/`.jsonl` file, and convert structured rows.
 

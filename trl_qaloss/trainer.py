@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
+from ._log_filters import quiet_dataset_preparation
 from .callbacks import QASetEvalCallback
 from .checkpoints import resolve_resume_checkpoint
 from .compat import SettingsCheck, check_fsdp_took_effect
@@ -184,9 +185,11 @@ class QALossSFTTrainer(SFTTrainer):
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    @quiet_dataset_preparation()
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        """TRL's preparation; when training reads the items, the target answers that truncation to `max_length` cuts
-        are counted first and reported in a warning (repeated if no target answer survives)."""
+        """TRL's preparation, without its progress bars (a handful per dataset, in seconds); when training reads the
+        items, the target answers that truncation to `max_length` cuts are counted first and reported in a warning
+        (repeated if no target answer survives)."""
         if not reads_items(args):
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         dataset, hint = prepare_with_truncation_report(

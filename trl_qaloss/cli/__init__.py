@@ -11,8 +11,8 @@ Each command imports what it needs when it runs, so that `trl-qaloss --help` ans
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
-import warnings
 
 from ..errors import UsageError, did_you_mean, pop_debug_flag, report
 
@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         what = f"Unknown command {argv[0]!r}.{did_you_mean(argv[0], COMMANDS)}" if argv else "No command given."
         report(UsageError(f"{what} The commands are train, generate and evaluate; `trl-qaloss --help` says more."))
     command, (args, debug) = argv[0], pop_debug_flag(argv[1:])
-    # PEFT reads `model.is_gradient_checkpointing`, which transformers now calls deprecated: nothing a user can change.
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    show_messages()
     try:
         if command == "train":
             from .training import run_train
@@ -49,6 +48,17 @@ def main(argv: list[str] | None = None) -> None:
             (run_generate if command == "generate" else run_evaluate)(args)
     except UsageError as error:
         report(error, debug)
+
+
+def show_messages() -> None:
+    """The package's warnings on stderr as `trl-qaloss: <message>`, so that a user can tell them from the libraries'
+    output; in Python, they go wherever the program's logging sends them."""
+    package_logger = logging.getLogger("trl_qaloss")
+    if not any(getattr(h, "trl_qaloss_cli", False) for h in package_logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("trl-qaloss: %(message)s"))
+        handler.trl_qaloss_cli = True
+        package_logger.addHandler(handler)  # Python's last-resort handler, which printed them bare, then stays out
 
 
 def __getattr__(name: str):
