@@ -33,11 +33,36 @@ from trl_qaloss import QALossSFTTrainer
         ({"eval_generate_samples": -1}, r"`eval_generate_samples` must be an integer >= 0, got -1"),
         ({"eval_max_new_tokens": 0}, r"`eval_max_new_tokens` must be an integer >= 1, got 0"),
         ({"eval_generate_batch_size": 0}, r"`eval_generate_batch_size` must be an integer >= 1, got 0"),
+        # numbers no run can use: before, a negative `max_steps` trained `num_train_epochs` silently, and a
+        # negative `num_train_epochs` trained nothing
+        ({"max_steps": -5}, r"`max_steps` must be a positive number of steps, or -1 to train `num_train_epochs`"),
+        ({"max_steps": 0}, r"`max_steps` must be a positive number of steps.*; got 0\."),
+        ({"max_steps": 2.5}, r"`max_steps` must be a positive number of steps.*; got 2\.5\."),
+        ({"num_train_epochs": -2}, r"`num_train_epochs` must be a number > 0; got -2\."),
+        ({"num_train_epochs": 0}, r"`num_train_epochs` must be a number > 0; got 0\."),
+        ({"per_device_train_batch_size": 0}, r"`per_device_train_batch_size` must be a whole number >= 1; got 0"),
+        ({"per_device_eval_batch_size": -1}, r"`per_device_eval_batch_size` must be a whole number >= 1; got -1"),
+        ({"gradient_accumulation_steps": 0}, r"`gradient_accumulation_steps` must be a whole number >= 1; got 0"),
+        ({"max_length": 0}, r"`max_length` must be a whole number >= 1 or unset; got 0"),
+        ({"learning_rate": -1e-4}, r"`learning_rate` must be a number >= 0; got -0\.0001"),
+        ({"learning_rate": math.nan}, r"`learning_rate` must be a number >= 0; got nan"),
+        ({"eval_steps": -1, "eval_strategy": "steps"}, r"`eval_steps` must be a number > 0 or unset; got -1"),
+        ({"eval_accumulation_steps": 0}, r"`eval_accumulation_steps` must be a whole number >= 1 or unset; got 0"),
+        ({"save_steps": 0}, r"`save_steps` must be a number > 0; got 0"),
     ],
 )
 def test_invalid_config_fields(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         qa_config(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"max_steps": -1}, {"max_steps": 3}, {"max_length": None}, {"learning_rate": 0.0}, {"eval_steps": 0.25}],
+)
+def test_numbers_at_their_limits_are_accepted(tmp_path, overrides):
+    args = qa_config(tmp_path, **overrides)
+    assert all(getattr(args, name) == value for name, value in overrides.items())
 
 
 @pytest.fixture()

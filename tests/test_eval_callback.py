@@ -175,3 +175,30 @@ def test_errors(tokenizer, tmp_path):
 def test_config_validation(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         qa_config(tmp_path, **{field: value})
+
+
+def test_warns_at_start_up_when_no_reference_parses(tokenizer, tmp_path, caplog):
+    """Data written with other separators, trained as plain SFT (nothing else reads the items): every answer-set
+    metric would be 0, and the run says so before it starts, naming the separators and a reference."""
+    row = {"prompt": "Tell me about valdor.", "completion": " <Q> who rules valdor? ann; bob"}
+    wrong = Dataset.from_list([row] * 4)
+
+    def build(eval_rows):
+        return QALossSFTTrainer(
+            model=tiny_llama(len(tokenizer)),
+            args=eval_args(tmp_path, lambda_set=0.0, answer_order="data"),
+            train_dataset=wrong,
+            eval_dataset=eval_rows,
+            processing_class=tokenizer,
+        )
+
+    with caplog.at_level("WARNING", logger="trl_qaloss"):
+        build(wrong)
+    (message,) = [r.getMessage() for r in caplog.records if "answer-set metrics will be 0" in r.getMessage()]
+    assert "No reference completion of the 4 eval rows" in message and "qa_token='<QA>'" in message
+    assert "' <Q> who rules valdor? ann; bob" in message
+    assert "Set `qa_token`, `answer_token` and `question_end`" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trl_qaloss"):
+        build(eval_dataset())  # references that parse: no warning
+    assert not [r for r in caplog.records if "answer-set metrics will be 0" in r.getMessage()]
