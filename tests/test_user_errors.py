@@ -19,6 +19,7 @@ from trl_qaloss.errors import UsageError, user_errors
 
 DEMO_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "train.jsonl").read_text().splitlines()
 RECIPE = Path(DEMO_RECIPE).read_text()
+NO_SUCH_MODEL = "trl-qaloss-tests/no-such-model"  # a Hub id no cache holds
 
 
 def write(path: Path, text: str) -> str:
@@ -164,6 +165,21 @@ COMMAND_LINE_CASES = {
         ["train", "--max_steps", "1", "--answer_order", "bogus"],
         r"argument --answer_order/--answer-order: invalid choice: 'bogus' \(choose from 'data', 'canonical'",
     ),
+    # A Hub id that is neither a local directory nor in the cache: one line at once, not half a minute of retries.
+    "train, a model neither local nor cached": (
+        ["train", "--model_name_or_path", NO_SUCH_MODEL],
+        rf"Model '{NO_SUCH_MODEL}' is not a local directory and not in the Hugging Face cache, and HF_HUB_OFFLINE=1 "
+        rf"keeps the Hub out of reach\. Give a local copy with `--model_name_or_path /path/to/local/copy` \(.*"
+        rf"`hf download {NO_SUCH_MODEL} --local-dir /path/to/local/copy`",
+    ),
+    "generate, a model neither local nor cached": (
+        ["generate", "--model_name_or_path", NO_SUCH_MODEL, "--prompt", "x"],
+        rf"Model '{NO_SUCH_MODEL}' is not a local directory and not in the Hugging Face cache",
+    ),
+    "train, negative max_steps": (
+        ["train", "--max_steps", "-5"],
+        r"`max_steps` must be a positive number of steps, or -1 to train `num_train_epochs` epochs; got -5\.",
+    ),
     "evaluate, missing adapter": (
         ["evaluate", "--adapter", "out", "--dataset_name", "d"],
         r"Adapter directory not found: 'out' \(from `--adapter`\)\.",
@@ -189,6 +205,32 @@ def test_command_line_mistakes_are_one_line_with_exit_code_1(tmp_path, case):
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and re.search(message, lines[0]), result.stderr[-3000:]
     assert result.stderr.splitlines() == lines and not result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "evaluate"])
+def test_a_model_the_hub_cannot_give_stops_at_once(tmp_path, command):
+    """The Hub made unreachable (a closed port, not offline mode): one line naming the model and the way out, and no
+    retries first."""
+    argv = [command, "--model_name_or_path", NO_SUCH_MODEL]
+    argv += {"generate": ["--prompt", "x"], "evaluate": ["--dataset_name", "d"]}.get(command, [])
+    result = run_cli(*argv, cwd=tmp_path, env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == result.stderr.splitlines(), result.stderr[-3000:]
+    (line,) = error_lines(result.stderr)
+    assert re.search(
+        rf"Model '{NO_SUCH_MODEL}' is not a local directory and not in the Hugging Face cache, and the Hub "
+        r"\(http://127\.0\.0\.1:9\) cannot be reached \(.*\)\. Give a local copy with `--model_name_or_path ",
+        line,
+    ), line
+
+
+def test_a_missing_adapter_directory_is_named_with_the_closest_one(tmp_path):
+    (tmp_path / "outputs" / "demo-cpu").mkdir(parents=True)
+    result = run_cli("generate", "--adapter", "outputs/demo-cpu-typo", "--prompt", "x", cwd=tmp_path)
+    assert error_lines(result.stderr) == [
+        "trl-qaloss: error: Adapter directory not found: 'outputs/demo-cpu-typo' (from `--adapter`). Did you mean "
+        "'outputs/demo-cpu'?"
+    ], result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("command", ["generate", "evaluate"])
