@@ -165,6 +165,7 @@ class QALossSFTTrainer(SFTTrainer):
         self._set_count_in_batch = None
         self.add_callback(settings_check)
         self._add_answer_set_evaluation(args)
+        check_full_batch(self.train_dataset, args)
 
     def _add_answer_set_evaluation(self, args: QALossConfig) -> None:
         """The callback that generates and scores completions at each evaluation, when `eval_generate_samples` asks
@@ -332,3 +333,17 @@ class QALossSFTTrainer(SFTTrainer):
                 local = torch.tensor(inputs["position_ids"].size(1), device=device)
             self._total_train_tokens += gather(local).sum().item() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
+
+
+def check_full_batch(train_dataset, args: QALossConfig) -> None:
+    """Raise a ValueError when `dataloader_drop_last` would drop every batch: the Trainer would stop with a message
+    about a dataloader without a length, or train no step."""
+    if not args.dataloader_drop_last or train_dataset is None or not hasattr(train_dataset, "__len__"):
+        return
+    batch = args.per_device_train_batch_size * args.world_size
+    if len(train_dataset) < batch:
+        raise ValueError(
+            f"`dataloader_drop_last` drops every batch: the {len(train_dataset)} training rows make no full batch of "
+            f"{batch} ({args.per_device_train_batch_size} per process x {args.world_size} processes). Lower "
+            "`per_device_train_batch_size`, or set `dataloader_drop_last: false`."
+        )

@@ -223,7 +223,7 @@ def run_generate(argv: list[str]) -> None:
         if args.output:
             with open(args.output, "w", encoding="utf-8") as file:
                 file.write("\n".join(lines) + "\n")
-            print(f"Wrote {len(lines)} completions to {os.path.abspath(args.output)}", file=sys.stderr)
+            print(f"trl-qaloss: wrote {len(lines)} completions to {os.path.abspath(args.output)}", file=sys.stderr)
         else:
             print("\n".join(lines))
 

@@ -417,15 +417,18 @@ def train(script_args, training_args, model_args, dataset_args):
 
     Mistakes in the input found while building the trainer raise `UsageError`; errors while training keep theirs.
     """
+    from ..callbacks import StepCounter
+    from ..checkpoints import resolve_resume_checkpoint
     from .inference import write_base_model_info
 
     with user_errors():
         trainer, heldout = build_trainer(script_args, training_args, model_args, dataset_args)
-    from ..callbacks import StepCounter
-
+        # A checkpoint to resume from that is not there is a mistake in the input: found here, not inside `train`.
+        resume = resolve_resume_checkpoint(
+            resume_argument(training_args.resume_from_checkpoint), training_args.output_dir
+        )
     steps = StepCounter()
     trainer.add_callback(steps)
-    resume = resume_argument(training_args.resume_from_checkpoint)
     trainer.train(resume_from_checkpoint=resume)
     if steps.count == 0:
         raise UsageError(no_steps_message(trainer, resume))
