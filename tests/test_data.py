@@ -302,3 +302,18 @@ def test_make_long_part_writes_its_base_and_held_out_combinations(tmp_path):
     assert len(rows["train"]) == 12 and len(rows["eval"]) == 4
     assert not {r["context"] for r in rows["eval"]} & {r["context"] for r in rows["train"]}
     assert rows["train"] + rows["eval"] == demo_rows("train", "data_long")[:16]
+
+
+@pytest.mark.parametrize(
+    "answers, hint",
+    [
+        ("A, B", r' \(one string per answer: write \["A", "B"\]\), got "A, B"\.'),
+        ("ann; bob; carl", r' \(one string per answer: write \["ann", "bob", "carl"\]\)'),
+        ("Julie Sussman", r' \(write \["Julie Sussman"\] for one answer\), got "Julie Sussman"\.'),
+        ("a,", r' \(write \["a,"\] for one answer\)'),  # an empty part: no list to split into
+        (5, r", got 5\."),
+    ],
+)
+def test_answers_given_as_one_string_get_the_list_to_write(answers, hint):
+    with pytest.raises(ValueError, match=r"field `qas\[0\]\.answers` must be a list of strings" + hint):
+        format_qas({"context": "c", "qas": [{"question": "who?", "answers": answers}]})

@@ -155,3 +155,34 @@ def test_generate_and_evaluate_load_the_adapter_on_its_4bit_base(adapter_in_proc
     run_evaluate([*argv, "--output", str(output)])
     metrics = json.loads(output.read_text())["metrics"]
     assert metrics["num_examples"] == 2 and 0 <= metrics["set_f1"] <= 1
+
+
+def test_prompt_files_name_the_line_of_a_bad_chat_prompt(tmp_path):
+    from trl_qaloss.cli.inference import check_chat_prompts, read_prompts, set_chat_template
+
+    path = tmp_path / "prompts.jsonl"
+    chat = {"messages": [{"role": "user", "content": "Tell me about getal."}]}
+    path.write_text("\n".join(json.dumps(p) for p in ["Tell me about mala.", chat, {"prompt": "x"}]) + "\n")
+    prompts, lines = read_prompts(str(path))
+    assert prompts[1] == chat["messages"] and lines == [1, 2, 3]
+    where = [f"{path}, line {n}" for n in lines]
+
+    from transformers import AutoTokenizer
+
+    from trl_qaloss.demo import MODEL_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)  # no chat template
+    with pytest.raises(
+        ValueError,
+        match=rf"{path}, line 2: the prompt is chat messages \(1 of the 3 prompts are\).*"
+        r"`--chat_template_path FILE\.jinja`",
+    ):
+        check_chat_prompts(tokenizer, prompts, where)
+    (tmp_path / "chat.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    set_chat_template(tokenizer, str(tmp_path / "chat.jinja"))
+    check_chat_prompts(tokenizer, prompts, where)
+    with pytest.raises(FileNotFoundError, match=r"Chat template not found: .*chat\.jinj' .*Did you mean .*chat\.jinja"):
+        set_chat_template(tokenizer, str(tmp_path / "chat.jinj"))
+    path.write_text(json.dumps("ok") + "\n" + json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}, line 2: `messages` must be a list of \{{\"role\": \.\.\., "):
+        read_prompts(str(path))

@@ -47,6 +47,18 @@ def _json(value: Any) -> str:
         return repr(value)
 
 
+def answers_hint(answers) -> str:
+    """How to write `answers`, given as something other than a list, as one: a string listing several answers is
+    split into them (`"A, B"` -> `["A", "B"]`), any other string kept as one answer."""
+    if isinstance(answers, str):
+        for separator in (";", ",", "|", "/"):
+            parts = [part.strip() for part in answers.split(separator)]
+            if len(parts) > 1 and all(parts):
+                return f" (one string per answer: write {_json(parts)})"
+        return f" (write {_json([answers])} for one answer)"
+    return ""
+
+
 def qa_completion(
     qas: Sequence[Mapping[str, Any]],
     qa_token: str = "<QA>",
@@ -91,8 +103,8 @@ def qa_completion(
         answers = qa["answers"]
         if isinstance(answers, (str, bytes)) or not isinstance(answers, Sequence):
             raise ValueError(
-                f"{where}: field `{name}.answers` must be a list of strings (write {_json([answers])} for "
-                f"one answer), got {_json(answers)}."
+                f"{where}: field `{name}.answers` must be a list of strings{answers_hint(answers)}, got "
+                f"{_json(answers)}."
             )
         answers = [_clean(a, f"{name}.answers[{j}]", where, (qa_token, answer_token)) for j, a in enumerate(answers)]
         parts.append(" ".join([f"{qa_token} {question}", *(f"{answer_token} {a}" for a in answers)]))

@@ -20,6 +20,7 @@ from ..data import read_jsonl
 from ..demo import portable_demo_path, resolve_demo_path
 from ..engine.options import SEPARATOR_FIELDS
 from ..errors import ArgumentParser
+from ..model_source import check_model_source, missing_path_message
 from .heldout import read_heldout_record, rows_hash
 
 BASE_INFO_FILE = "trl_qaloss_base.json"
@@ -70,8 +71,6 @@ def load_for_inference(adapter: str | None = None, model_name_or_path: str | Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from ..model_source import check_model_source, missing_path_message
-
     if adapter is None and model_name_or_path is None:
         raise ValueError("Give `--adapter DIR` (a trained LoRA adapter) or `--model_name_or_path` (a full model).")
     info = {}
@@ -119,7 +118,8 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
         return tokenizer(prompt)["input_ids"]
     if tokenizer.chat_template is None:
         raise ValueError(
-            "The prompts are chat messages but the tokenizer has no chat template; use a model whose tokenizer has one."
+            "The prompts are chat messages but the tokenizer has no chat template; give one with "
+            "`--chat_template_path`, or use a model whose tokenizer has one."
         )
     encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
     return list(encoded["input_ids"])
@@ -148,11 +148,12 @@ def parsed_items(text: str, separators: tuple[str, str, str]) -> list[dict]:
     return [asdict(item) for item in parse_qa_text(text, *separators)]
 
 
-def read_prompts(path: str) -> list:
-    """Prompts from a JSONL file: each line a JSON string, or an object with `prompt`, `context` or `messages`."""
+def read_prompts(path: str) -> tuple[list, list[int]]:
+    """Prompts from a JSONL file: each line a JSON string, or an object with `prompt`, `context` or `messages` (a
+    list of `{"role", "content"}` messages); `(prompts, the line number of each)`."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Prompts file not found: {path!r} (from `--prompts`).")
-    prompts = []
+        raise FileNotFoundError(missing_path_message(path, "Prompts file", "--prompts"))
+    prompts, lines = [], []
     for number, row in read_jsonl(path):
         if isinstance(row, dict):
             row = next((row[key] for key in ("prompt", "context", "messages") if row.get(key) is not None), None)
@@ -161,10 +162,49 @@ def read_prompts(path: str) -> list:
                 f"{path}, line {number}: a prompt is a JSON string or an object with a `prompt` (or "
                 "`context`, `messages`) field."
             )
+        if isinstance(row, list) and not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in row
+        ):
+            raise ValueError(
+                f'{path}, line {number}: `messages` must be a list of {{"role": ..., "content": ...}} objects with '
+                'text values, e.g. [{"role": "user", "content": "Tell me about valdor."}].'
+            )
         prompts.append(row)
+        lines.append(number)
     if not prompts:
         raise ValueError(f"{path} is empty: it has no prompts.")
-    return prompts
+    return prompts, lines
+
+
+def check_chat_prompts(tokenizer, prompts: list, where: list[str]) -> None:
+    """Raise a ValueError naming the first chat prompt (`where`: each prompt's place, for the message) when the
+    tokenizer has no chat template to turn messages into tokens."""
+    chats = [place for prompt, place in zip(prompts, where, strict=True) if isinstance(prompt, list)]
+    if chats and tokenizer.chat_template is None:
+        raise ValueError(
+            f"{chats[0]}: the prompt is chat messages ({len(chats)} of the {len(prompts)} prompts are), but the "
+            "tokenizer has no chat template to write them with. Give one with `--chat_template_path FILE.jinja` (or "
+            "a tokenizer directory whose template to use), or write the prompts as text."
+        )
+
+
+def set_chat_template(tokenizer, path: str | None) -> None:
+    """Give `tokenizer` the chat template of `path`: a `.jinja`/`.j2` file, or a tokenizer directory (its template's
+    text only: the model was not trained on tokens it would add)."""
+    if path is None:
+        return
+    if not os.path.exists(path):
+        raise FileNotFoundError(missing_path_message(path, "Chat template", "--chat_template_path"))
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as file:
+            tokenizer.chat_template = file.read()
+        return
+    from transformers import AutoTokenizer
+
+    template = AutoTokenizer.from_pretrained(path).chat_template
+    if template is None:
+        raise ValueError(f"The tokenizer in {path!r} (from `--chat_template_path`) has no chat template.")
+    tokenizer.chat_template = template
 
 
 # The generation settings' defaults, where no training run's settings replace them.
@@ -177,6 +217,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, defaults: bool = True) 
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--adapter", help="directory of a trained LoRA adapter (the `output_dir` of `trl-qaloss train`)")
     which.add_argument("--model_name_or_path", help="a full model (hub id or directory) instead of an adapter")
+    parser.add_argument(
+        "--chat_template_path",
+        metavar="FILE.jinja",
+        help="chat template for chat-message prompts when the model's tokenizer has none: a .jinja file or a "
+        "tokenizer directory (default: the tokenizer's own, saved with the adapter when training used one)",
+    )
     run = "" if defaults else ", or the training run's when evaluating its held-out rows"
     settings = {"max_new_tokens": "most tokens generated per prompt", "batch_size": "prompts per generate call"}
     for name, what in settings.items():
@@ -213,8 +259,14 @@ def run_generate(argv: list[str]) -> None:
     parser.add_argument("--output", metavar="FILE.jsonl", help="where to write the lines (default: stdout)")
     args = _parse(parser, argv)
     with user_errors():
-        prompts = read_prompts(args.prompts) if args.prompts else args.prompt
+        if args.prompts:
+            prompts, lines = read_prompts(args.prompts)
+            where = [f"{args.prompts}, line {line}" for line in lines]
+        else:
+            prompts, where = args.prompt, [f"`--prompt` {i + 1}" for i in range(len(args.prompt))]
         loaded = load_for_inference(args.adapter, args.model_name_or_path)
+        set_chat_template(loaded.tokenizer, args.chat_template_path)
+        check_chat_prompts(loaded.tokenizer, prompts, where)
         completions = complete(loaded, prompts, args.max_new_tokens, args.batch_size)
         lines = [
             json.dumps({"prompt": p, "completion": c, "qas": parsed_items(c, loaded.separators)}, ensure_ascii=False)
@@ -295,8 +347,10 @@ def run_evaluate(argv: list[str]) -> None:
         # The run's record is read first: without one, the command stops before any model loads.
         record = {} if args.dataset_name else read_heldout_record(args.adapter or args.model_name_or_path)
         loaded = load_for_inference(args.adapter, args.model_name_or_path)
+        set_chat_template(loaded.tokenizer, args.chat_template_path)
         rows = evaluation_rows(args, loaded.separators, record)
         pairs = [prompt_and_reference(row, rows.location(i)) for i, row in enumerate(rows.rows)]
+        check_chat_prompts(loaded.tokenizer, [p for p, _ in pairs], [rows.location(i) for i in range(len(pairs))])
         if rows.expected_hash is not None and rows_hash(pairs) != rows.expected_hash:
             print(
                 f"trl-qaloss: warning: {rows.description} differ from the rows the training run evaluated on: the "
