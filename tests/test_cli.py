@@ -194,7 +194,10 @@ def test_the_summary_shows_the_last_evaluation(demo_run):
     try:
         for value in (0.111, 0.999):  # two evaluations, the later one last in the log
             trainer.state.log_history.append({f"eval_{name}": value for name in SUMMARY_METRICS})
-        callback.last_examples = [("Tell me about valdor.", "<QA> which rivers? <A> a", "<QA> which rivers? <A> a")]
+        callback.last_examples = [
+            ("Tell me about valdor.", "<QA> which rivers? <A> a", "<QA> which rivers? <A> a", False),
+            ("Tell me about getal.", "<QA> who rules? <A> Julie Sussman", "<QA> who rules? <A> Julie", True),
+        ]
         _, training_args, model_args, _ = parse_args(["--config", str(DEMO), "--output_dir", str(out)])
         text = run_summary(trainer, training_args, model_args, heldout_recorded=True)
     finally:
@@ -202,6 +205,8 @@ def test_the_summary_shows_the_last_evaluation(demo_run):
         trainer.remove_callback(callback)
         trainer.eval_dataset = eval_dataset
     assert "exact_set_match     0.999" in text and "0.111" not in text
+    assert "    who rules  Julie Sussman  Julie ... (cut by max_length)" in text.splitlines()  # the reference was cut
+    assert "    which rivers  a          a" in text.splitlines()
     assert text.splitlines()[-1] == f"  trl-qaloss evaluate --adapter {out}"  # the run's own rows, recorded
 
 

@@ -202,3 +202,21 @@ def test_warns_at_start_up_when_no_reference_parses(tokenizer, tmp_path, caplog)
     with caplog.at_level("WARNING", logger="trl_qaloss"):
         build(eval_dataset())  # references that parse: no warning
     assert not [r for r in caplog.records if "answer-set metrics will be 0" in r.getMessage()]
+
+
+def test_references_cut_by_max_length_are_flagged(tokenizer, tmp_path):
+    """The summary marks a reference that truncation cut: flagged exactly for the rows that lost their tail."""
+    rows = eval_dataset()
+    full_lengths = [len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) + 1 for r in rows]  # + EOS
+    max_length = sorted(full_lengths)[len(full_lengths) // 2]  # cuts about half of them
+    trainer = QALossSFTTrainer(
+        model=tiny_llama(len(tokenizer)),
+        args=eval_args(tmp_path, max_length=max_length, eval_generate_samples=6),
+        train_dataset=qa_dataset(8),
+        eval_dataset=rows,
+        processing_class=tokenizer,
+    )
+    _, references, cut = eval_callback(trainer)._samples(trainer.eval_dataset)
+    assert cut == [length > max_length for length in full_lengths] and 0 < sum(cut) < len(cut)
+    for reference, row, was_cut in zip(references, rows, cut, strict=True):
+        assert (reference.strip() == row["completion"].strip()) != was_cut

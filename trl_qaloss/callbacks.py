@@ -98,7 +98,9 @@ class QASetEvalCallback(TrainerCallback):
             batch_size or getattr(args, "eval_generate_batch_size", None) or args.per_device_eval_batch_size
         )
         self.match_questions = match_questions or getattr(args, "eval_match_questions", "position")
-        self.last_examples: list[tuple[str, str, str]] = []
+        # The last evaluation's examples, for a summary after training: `(prompt, prediction, reference, whether
+        # truncation to `max_length` cut the reference)`.
+        self.last_examples: list[tuple[str, str, str, bool]] = []
         check_choice("match_questions", self.match_questions, MATCH_QUESTIONS)
         self.separators = tuple(
             getattr(args, name, default)
@@ -123,10 +125,12 @@ class QASetEvalCallback(TrainerCallback):
         for name, dataset in datasets.items():  # fail at start-up, not at the first evaluation
             warn_if_no_item_parses(self._samples(dataset)[1], self.separators, name)
 
-    def _samples(self, dataset) -> tuple[list[list[int]], list[str]]:
-        """Prompt ids and reference texts of the first `num_samples` rows of a tokenized eval dataset."""
+    def _samples(self, dataset) -> tuple[list[list[int]], list[str], list[bool]]:
+        """Prompt ids, reference texts and whether truncation cut each reference, for the first `num_samples` rows of
+        a tokenized eval dataset."""
         rows = itertools.islice(iter(dataset), self.num_samples)
-        prompts, references = [], []
+        prompts, references, cut = [], [], []
+        max_length = getattr(self.trainer.args, "max_length", None)
         for index, row in enumerate(rows):
             if "input_ids" not in row or "labels" not in row:
                 raise ValueError(
@@ -136,7 +140,14 @@ class QASetEvalCallback(TrainerCallback):
             prompt, reference = split_prompt_and_reference(row["input_ids"], row["labels"], index)
             prompts.append(prompt)
             references.append(self._text(reference))
-        return prompts, references
+            # A reference that runs to the end of a row of `max_length` tokens without its end-of-sequence token
+            # lost its tail to truncation (a last answer "Julie" for "Julie Sussman").
+            ids = row["input_ids"]
+            full = len(ids) >= (max_length or len(ids) + 1)
+            cut.append(
+                bool(full and len(prompt) + len(reference) == len(ids) and ids[-1] != self.tokenizer.eos_token_id)
+            )
+        return prompts, references, cut
 
     def _text(self, ids) -> str:
         return self.tokenizer.decode([i for i in ids if i not in self._hidden_ids], skip_special_tokens=False)
@@ -161,7 +172,7 @@ class QASetEvalCallback(TrainerCallback):
             dataset = trainer.eval_dataset
             if isinstance(dataset, dict):
                 dataset = dataset[prefix.removeprefix("eval_")]
-        prompts, references = self._samples(dataset)
+        prompts, references, cut = self._samples(dataset)
         model = trainer.model
         was_training = model.training
         model.eval()
@@ -172,9 +183,8 @@ class QASetEvalCallback(TrainerCallback):
                 order = gather_object(list(local))
                 predictions = gather_object(predictions)
             references = [references[i] for i in order]
-            # The last evaluation's texts, for a summary after training: `[(prompt, prediction, reference)]`.
             self.last_examples = [
-                (self._text(prompts[i]), p, r) for i, p, r in zip(order, predictions, references, strict=True)
+                (self._text(prompts[i]), p, r, cut[i]) for i, p, r in zip(order, predictions, references, strict=True)
             ]
             scores = answer_set_scores(predictions, references, *self.separators, match_questions=self.match_questions)
             logs = {f"{prefix}_{key}": value for key, value in scores.items()}

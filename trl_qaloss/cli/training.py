@@ -521,8 +521,8 @@ def run_summary(trainer, training_args, model_args, heldout_recorded: bool) -> s
         lines.append(f"Answer sets of {len(examples)} held-out rows (greedy completions, {pairing}):")
         for name, meaning in SUMMARY_METRICS.items():
             lines.append(f"  {name:<18} {metrics['eval_' + name]:6.3f}  {meaning}")
-        for prompt, prediction, reference in examples[:SUMMARY_EXAMPLES]:
-            lines += ["", *side_by_side(prompt.strip(), prediction, reference, callback.separators)]
+        for prompt, prediction, reference, cut in examples[:SUMMARY_EXAMPLES]:
+            lines += ["", *side_by_side(prompt.strip(), prediction, reference, callback.separators, cut)]
         lines.append("")
     lines.append(f"{what} saved to {os.path.abspath(output_dir)}")
     prompt = examples[0][0].strip() if examples else "Tell me about valdor: its rivers."
@@ -533,8 +533,11 @@ def run_summary(trainer, training_args, model_args, heldout_recorded: bool) -> s
     return "\n".join(lines)
 
 
-def side_by_side(prompt: str, prediction: str, reference: str, separators: tuple[str, str, str]) -> list[str]:
-    """Lines showing one example: the prompt, then per question (by position) its generated and reference answers."""
+def side_by_side(
+    prompt: str, prediction: str, reference: str, separators: tuple[str, str, str], cut: bool = False
+) -> list[str]:
+    """Lines showing one example: the prompt, then per question (by position) its generated and reference answers;
+    `cut`: truncation to `max_length` cut the reference, whose last answers are then marked as cut."""
     from ..engine.parsing import parse_qa_text
 
     predicted, expected = parse_qa_text(prediction, *separators), parse_qa_text(reference, *separators)
@@ -546,6 +549,9 @@ def side_by_side(prompt: str, prediction: str, reference: str, separators: tuple
         if got is not None and want is not None and got.question != want.question:
             question += f" (generated: {got.question})"
         rows.append((question, ", ".join(got.answers) if got else "-", ", ".join(want.answers) if want else "-"))
+    if cut and len(rows) > 1:
+        question, generated, expected = rows[-1]
+        rows[-1] = (question, generated, f"{expected} ... (cut by max_length)")
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     return [f"  {prompt}", *(f"    {a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows)]
 
