@@ -559,6 +559,12 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if len(args.seeds) < 3:
         print("note: fewer than 3 seeds; the spread is not meaningful")
+    if args.quick:
+        print(
+            f"note: --quick trains {args.max_steps} steps, far too few for any method to learn the tasks: expect "
+            "answer-set figures at or near 0. It checks that every method and task runs; the comparison is the "
+            "full run."
+        )
     settings = {
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,

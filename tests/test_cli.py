@@ -126,6 +126,16 @@ def test_trust_remote_code_is_off_unless_the_recipe_sets_it(tmp_path):
     assert model_init_kwargs(training_args, model_args)["trust_remote_code"] is True
 
 
+def test_version_names_the_release_and_the_stack(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    out = capsys.readouterr().out.strip()
+    assert exit_.value.code == 0 and out.startswith(f"trl-qaloss {metadata.version('trl-qaloss')} (torch ")
+    assert f"transformers {metadata.version('transformers')}, trl {metadata.version('trl')}" in out
+
+
 def test_usage_and_unknown_command(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])

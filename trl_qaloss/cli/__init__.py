@@ -22,7 +22,8 @@ USAGE = """usage: trl-qaloss <command> [options]
   generate   complete prompts with a trained adapter (or model) and write the parsed questions and answers
   evaluate   answer-set metrics (set-F1, ...) of a trained adapter (or model) on a dataset
 
-`trl-qaloss <command> --help` lists the options of each; `--debug` shows the traceback of an error."""
+`trl-qaloss <command> --help` lists the options of each; `--debug` shows the traceback of an error;
+`trl-qaloss --version` names the installed release and those of the libraries underneath."""
 
 COMMANDS = ("train", "generate", "evaluate")
 
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
+        sys.exit(0)
+    if argv and argv[0] in ("-V", "--version"):
+        print(version_line())
         sys.exit(0)
     if not argv or argv[0] not in COMMANDS:
         what = f"Unknown command {argv[0]!r}.{did_you_mean(argv[0], COMMANDS)}" if argv else "No command given."
@@ -48,6 +52,24 @@ def main(argv: list[str] | None = None) -> None:
             (run_generate if command == "generate" else run_evaluate)(args)
     except UsageError as error:
         report(error, debug)
+
+
+# The releases a bug report needs, after trl-qaloss's own.
+STACK = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
+
+
+def version_line() -> str:
+    """`trl-qaloss 0.1.0 (torch 2.13.0, transformers 5.25.0, ...; Python 3.11.7)`, read without importing them."""
+    from importlib import metadata
+
+    installed = []
+    for name in STACK:
+        try:
+            installed.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            installed.append(f"{name} not installed")
+    python = ".".join(map(str, sys.version_info[:3]))
+    return f"trl-qaloss {metadata.version('trl-qaloss')} ({', '.join(installed)}; Python {python})"
 
 
 def show_messages() -> None:
