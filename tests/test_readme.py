@@ -6,7 +6,7 @@ user would run them after cloning: `bash` blocks command by command, `python` bl
 
 - a Hugging Face Hub model name (`HUB_MODELS`), in a block or in a recipe the block names, is replaced by the demo's
   model, since the tests run offline;
-- the input files the README asks the reader to bring (`qa.jsonl`, `my.jsonl`, `prompts.jsonl`) are written first;
+- the input files the README asks the reader to bring (`qa.jsonl`, `my.jsonl`) are written first;
 - a `benchmarks/set_vs_sft.py` command runs with `BENCHMARK_SIZES` appended (flags given later win), so that it
   measures 2 methods at 2 steps instead of the full comparison;
 - `pip install ...` is what `.ci/run` has just done before the tests run (the test checks that each names this project
@@ -39,7 +39,6 @@ BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 HUB_MODELS = ("Qwen/Qwen2.5-0.5B-Instruct",)
 DEMO_MODEL = "trl_qaloss/demo/model"  # the demo's model, as recipes name it (resolved inside the package)
 DEMO_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "train.jsonl").read_text().splitlines()
-EVAL_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "eval.jsonl").read_text().splitlines()
 CI_COMMANDS = [
     line.strip()
     for line in Path(ROOT, ".ci", "run").read_text().splitlines()
@@ -74,8 +73,6 @@ def fresh_copy(directory: Path) -> Path:
         recipe.write_text(swap_hub_models(recipe.read_text()))
     (repo / "qa.jsonl").write_text("\n".join(DEMO_ROWS[:40]) + "\n")
     (repo / "my.jsonl").write_text("\n".join(DEMO_ROWS[40:80]) + "\n")
-    prompts = [json.loads(row)["context"] for row in EVAL_ROWS[:2]]
-    (repo / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
     return repo
 
 
@@ -148,10 +145,22 @@ def environment(directory: Path, repo: Path) -> dict:
     return env
 
 
+# Runs a `python` block as a script whose log records name their logger (`trl_qaloss.trainer: ...`), so that the
+# package's own messages can be told from the libraries'; the block itself runs unchanged.
+NAMED_LOGS = (
+    "import logging, runpy, sys; logging.basicConfig(format='%(name)s: %(message)s'); "
+    "runpy.run_path(sys.argv[1], run_name='__main__')"
+)
+# A progress bar as tqdm draws it (description, percentage, bar and counts, or a count alone; then the times).
+PROGRESS = re.compile(r"^(?:[\w .-]+: )?(?:\s*\d+%\|.*\|\s*\d+/\d+|\d+\w+) \[[^\]]*\]$")
+OUTPUTS = {}  # what each command printed on stderr, by the command's description
+
+
 def run(args: list[str], repo: Path, env: dict, what: str) -> str:
     result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     output = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     assert result.returncode == 0, f"{what} failed ({result.returncode}):\n{output}"
+    OUTPUTS[what] = result.stderr
     return result.stdout
 
 
@@ -178,7 +187,8 @@ def readme_run(tmp_path_factory):
         elif language == "python":
             script = directory / f"block_{number}.py"
             script.write_text(swap_hub_models(code))
-            results.append((language, code, [run([sys.executable, str(script)], repo, env, f"README block {number}")]))
+            command = [sys.executable, "-c", NAMED_LOGS, str(script)]
+            results.append((language, code, [run(command, repo, env, f"README block {number}")]))
     return repo, results
 
 
@@ -189,6 +199,22 @@ def test_every_code_block_runs_as_written(readme_run):
     assert (repo / "outputs" / "my-qa" / "adapter_model.safetensors").is_file()  # the own-data command
     assert (repo / "completions.jsonl").is_file() and (repo / "qwen-qaloss").is_dir()
     assert "LoRA (r=16, every linear layer)" in (repo / "benchmarks" / "set_vs_sft_my.md").read_text()
+
+
+def foreign_lines(stderr: str) -> list[str]:
+    """The lines of `stderr` a terminal shows that are not the package's own (`trl-qaloss: ...` from the command,
+    `trl_qaloss...: ...` from a Python block) nor a progress bar."""
+    lines = [line.strip() for line in re.split(r"[\r\n]", stderr.replace("\x1b[A", "\n")) if line.strip()]
+    own = ("trl-qaloss: ", "trl_qaloss")
+    return [line for line in lines if not line.startswith(own) and not PROGRESS.match(line)]
+
+
+def test_blocks_print_only_the_packages_lines_and_progress(readme_run):
+    """Nothing the libraries underneath print reaches a reader who runs the README: no DeepSpeed notice, no
+    deprecation or `pin_memory` warning, no dataset-preparation progress bars."""
+    assert len(OUTPUTS) >= 15
+    foreign = {what: foreign_lines(stderr) for what, stderr in OUTPUTS.items() if foreign_lines(stderr)}
+    assert not foreign, foreign
 
 
 def test_python_blocks_print_what_their_comments_say(readme_run):
@@ -208,11 +234,15 @@ def test_python_blocks_print_what_their_comments_say(readme_run):
 
 def test_the_demo_reaches_the_answer_sets_the_readme_states(readme_run):
     """`trl-qaloss train` as the quickstart runs it: the held-out exact-set match it ends with, which `evaluate` on its
-    adapter reproduces, is the one the README states for seed 0."""
+    adapter reproduces exactly, lies in the range the README states."""
     repo, _ = readme_run
     logs = json.loads((repo / "outputs" / "demo-cpu" / "trainer_state.json").read_text())["log_history"]
     trained = next(log for log in reversed(logs) if "eval_exact_set_match" in log)
     evaluated = json.loads((repo / "outputs" / "demo-cpu" / "eval_results.json").read_text())
     assert evaluated["num_rows"] == trained["eval_num_examples"] == 80
-    assert evaluated["metrics"]["exact_set_match"] == pytest.approx(trained["eval_exact_set_match"], abs=0.02)
-    assert trained["eval_exact_set_match"] >= 0.9
+    assert evaluated["split"] == "test" and evaluated["metrics"] == {
+        key: trained[f"eval_{key}"] for key in evaluated["metrics"]
+    }  # `evaluate --adapter outputs/demo-cpu`: the run's own rows and settings, the run's numbers
+    # The range the README states for the seeds and machines measured.
+    low, high = (float(x) for x in re.search(r"\*\*(0\.\d+) to (0\.\d+)\*\*", README).groups())
+    assert low <= trained["eval_exact_set_match"] <= high, trained["eval_exact_set_match"]
