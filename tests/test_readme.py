@@ -151,8 +151,9 @@ NAMED_LOGS = (
     "import logging, runpy, sys; logging.basicConfig(format='%(name)s: %(message)s'); "
     "runpy.run_path(sys.argv[1], run_name='__main__')"
 )
-# A progress bar as tqdm draws it (description, percentage, bar and counts, or a count alone; then the times).
-PROGRESS = re.compile(r"^(?:[\w .-]+: )?(?:\s*\d+%\|.*\|\s*\d+/\d+|\d+\w+) \[[^\]]*\]$")
+# A progress bar as tqdm draws it (description, percentage, bar and counts, or a count alone, as in `datasets`'
+# "Generating train split: 40 examples" of a block's own `load_dataset`; then the times).
+PROGRESS = re.compile(r"^(?:[\w .-]+: )?(?:\s*\d+%\|.*\|\s*\d+/\d+|\d+ ?[a-z/]+) \[[^\]]*\]$")
 OUTPUTS = {}  # what each command printed on stderr, by the command's description
 
 
@@ -245,4 +246,4 @@ def test_the_demo_reaches_the_answer_sets_the_readme_states(readme_run):
     }  # `evaluate --adapter outputs/demo-cpu`: the run's own rows and settings, the run's numbers
     # The range the README states for the seeds and machines measured.
     low, high = (float(x) for x in re.search(r"\*\*(0\.\d+) to (0\.\d+)\*\*", README).groups())
-    assert low <= trained["eval_exact_set_match"] <= high, trained["eval_exact_set_match"]
+    assert low <= round(trained["eval_exact_set_match"], 3) <= high, trained["eval_exact_set_match"]  # as stated
