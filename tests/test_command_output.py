@@ -14,29 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.testing_utils import ROOT, error_lines, run_cli, slow
+from tests.testing_utils import ROOT, error_lines, foreign_lines, run_cli, slow, terminal_lines
 from trl_qaloss.cli.heldout import HELDOUT_FILE, ROWS_FILE
 
 pytestmark = slow
 
 DEMO_ROWS = Path(ROOT, "trl_qaloss", "demo", "data", "train.jsonl").read_text().splitlines()
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-# A progress bar as tqdm draws it: an optional description, the percentage, the bar and the counts (or, without a
-# total, the count alone), then the times.
-PROGRESS = re.compile(r"^(?:[\w .-]+: )?(?:\s*\d+%\|.*\|\s*\d+/\d+|\d+\w+) \[[^\]]*\]$")
 # A log line of the Trainer's (`{'loss': '1.23', ...}`), printed above its progress bar.
 TRAINER_LOG = re.compile(r"^\{'\w+': .*\}$")
-
-
-def terminal_lines(text: str) -> list[str]:
-    """The non-empty lines a terminal shows of `text`: progress bars redraw with `\\r` and move up with `ESC[A`."""
-    text = text.replace("\x1b[A", "\n")
-    return [line.strip() for line in re.split(r"[\r\n]", text) if line.strip()]
-
-
-def foreign_lines(stderr: str) -> list[str]:
-    """The lines of `stderr` that are neither the package's own (`trl-qaloss: ...`) nor a progress bar."""
-    return [line for line in terminal_lines(stderr) if not line.startswith("trl-qaloss: ") and not PROGRESS.match(line)]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.testing_utils import ROOT, slow
+from tests.testing_utils import ROOT, foreign_lines, slow
 
 pytestmark = slow
 
@@ -151,9 +151,6 @@ NAMED_LOGS = (
     "import logging, runpy, sys; logging.basicConfig(format='%(name)s: %(message)s'); "
     "runpy.run_path(sys.argv[1], run_name='__main__')"
 )
-# A progress bar as tqdm draws it (description, percentage, bar and counts, or a count alone, as in `datasets`'
-# "Generating train split: 40 examples" of a block's own `load_dataset`; then the times).
-PROGRESS = re.compile(r"^(?:[\w .-]+: )?(?:\s*\d+%\|.*\|\s*\d+/\d+|\d+ ?[a-z/]+) \[[^\]]*\]$")
 OUTPUTS = {}  # what each command printed on stderr, by the command's description
 
 
@@ -200,14 +197,6 @@ def test_every_code_block_runs_as_written(readme_run):
     assert (repo / "outputs" / "my-qa" / "adapter_model.safetensors").is_file()  # the own-data command
     assert (repo / "completions.jsonl").is_file() and (repo / "qwen-qaloss").is_dir()
     assert "LoRA (r=16, every linear layer)" in (repo / "benchmarks" / "set_vs_sft_my.md").read_text()
-
-
-def foreign_lines(stderr: str) -> list[str]:
-    """The lines of `stderr` a terminal shows that are not the package's own (`trl-qaloss: ...` from the command,
-    `trl_qaloss...: ...` from a Python block) nor a progress bar."""
-    lines = [line.strip() for line in re.split(r"[\r\n]", stderr.replace("\x1b[A", "\n")) if line.strip()]
-    own = ("trl-qaloss: ", "trl_qaloss")
-    return [line for line in lines if not line.startswith(own) and not PROGRESS.match(line)]
 
 
 def test_blocks_print_only_the_packages_lines_and_progress(readme_run):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from typing import TYPE_CHECKING
 
 import pytest
@@ -156,3 +157,20 @@ def encode_pair(tokenizer, target_text, predicted_text, prompt_len=3, length=Non
 # value (1, true, yes, on). CI and the README's test command set it.
 RUN_SLOW = os.environ.get("RUN_SLOW", "").strip().lower() in ("1", "y", "yes", "t", "true", "on")
 slow = pytest.mark.skipif(not RUN_SLOW, reason="slow: set RUN_SLOW=1 to run it")
+
+
+# A progress bar as tqdm draws it: an optional description, then the percentage, the bar and the counts, or a count
+# alone (a bar without a total, as `datasets`' "Generating train split: 40 examples"), then the times.
+PROGRESS = re.compile(r"^(?:[\w .-]+: )?(?:\s*\d+%\|.*\|\s*\d+/\d+|\d+ ?[a-z/]+) \[[^\]]*\]$")
+
+
+def terminal_lines(text: str) -> list[str]:
+    """The non-empty lines a terminal shows of `text`: progress bars redraw with `\\r` and move up with `ESC[A`."""
+    return [line.strip() for line in re.split(r"[\r\n]", text.replace("\x1b[A", "\n")) if line.strip()]
+
+
+def foreign_lines(stderr: str) -> list[str]:
+    """The lines of `stderr` that are not the package's own (`trl-qaloss: ...` from the command, `trl_qaloss...: ...`
+    from Python with the logger named) nor a progress bar."""
+    own = ("trl-qaloss: ", "trl_qaloss")
+    return [line for line in terminal_lines(stderr) if not line.startswith(own) and not PROGRESS.match(line)]
