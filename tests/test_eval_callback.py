@@ -62,7 +62,7 @@ def test_metrics_logged_during_training_and_by_evaluate(trainer):
     assert "eval_loss" in metrics and "eval_set_loss" in metrics
     # The logged values are the scores of the greedy completions against the references, not just present.
     callback = eval_callback(trainer)
-    prompts, references = callback._samples(trainer.eval_dataset)
+    prompts, references, _ = callback._samples(trainer.eval_dataset)
     with torch.no_grad():
         expected = answer_set_scores(callback._generate(prompts), references)
     for key in KEYS:
@@ -71,7 +71,7 @@ def test_metrics_logged_during_training_and_by_evaluate(trainer):
 
 def test_match_questions_text_scores_the_same_completions_by_question_text(trainer):
     callback = eval_callback(trainer)
-    prompts, references = callback._samples(trainer.eval_dataset)
+    prompts, references, _ = callback._samples(trainer.eval_dataset)
     with torch.no_grad():
         predictions = callback._generate(prompts)
     callback.match_questions = "text"
@@ -86,7 +86,7 @@ def test_match_questions_text_scores_the_same_completions_by_question_text(train
 
 
 def test_prompts_and_references_come_from_the_tokenized_rows(trainer, tokenizer):
-    prompts, references = eval_callback(trainer)._samples(trainer.eval_dataset)
+    prompts, references, _ = eval_callback(trainer)._samples(trainer.eval_dataset)
     assert len(prompts) == len(references) == 4
     for prompt, reference, row in zip(prompts, references, eval_dataset(), strict=False):
         assert tokenizer.decode(prompt) == row["prompt"]
@@ -95,7 +95,7 @@ def test_prompts_and_references_come_from_the_tokenized_rows(trainer, tokenizer)
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(trainer):
     callback = eval_callback(trainer)
-    prompts, _ = callback._samples(trainer.eval_dataset)
+    prompts, _, _ = callback._samples(trainer.eval_dataset)
     assert len({len(p) for p in prompts}) > 1  # the batches really are padded
     trainer.model.train()
     batched = callback._generate(prompts)
@@ -132,7 +132,7 @@ def test_peft_conversational_and_named_eval_datasets(tokenizer, tmp_path):
         peft_config=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, QASetEvalCallback))
-    prompts, _ = callback._samples(trainer.eval_dataset["a"])
+    prompts, _, _ = callback._samples(trainer.eval_dataset["a"])
     # Exactly the context the model is trained on: this template renders no header before an assistant turn, so the
     # prompt is the user turn (re-rendering with `add_generation_prompt` would add an unseen "assistant: ").
     assert tokenizer.decode(prompts[0]) == f"user: {rows[0]['prompt'][0]['content']}\n"
