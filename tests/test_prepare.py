@@ -269,3 +269,15 @@ def test_the_command_writes_the_demo_in_canonical_order(tmp_path):
     rows = read_jsonl(tmp_path / "prepared.jsonl")
     demo = read_jsonl(Path(__file__).resolve().parents[1] / "trl_qaloss" / "demo" / "data" / "train.jsonl")
     assert [r["context"] for r in rows] == [r["context"] for r in demo] and rows != demo
+
+
+def test_structured_rows_can_be_written_as_prompt_completion_rows(chat_tokenizer, tmp_path):
+    """`--prompt_completion`: the rows `trl-qaloss train` converts the structured ones to, their answers reordered."""
+    _, tokenizer_dir = chat_tokenizer
+    source = write_jsonl(tmp_path / "in.jsonl", rows_in("structured", 6))
+    args = ["--dataset_name", source, "--answer_order", "appearance", "--tokenizer", tokenizer_dir, "--output"]
+    assert prepare(*args, str(tmp_path / "structured.jsonl"))[0] == 0
+    assert prepare(*args, str(tmp_path / "converted.jsonl"), "--prompt_completion")[0] == 0
+    converted = read_jsonl(tmp_path / "converted.jsonl")
+    assert converted == [format_qas(row) for row in read_jsonl(tmp_path / "structured.jsonl")]
+    assert converted != [format_qas(row) for row in read_jsonl(source)]

@@ -152,6 +152,7 @@ def reorder_rows(
     separators: tuple[str, str, str] = ("<QA>", "<A>", "?"),
     source: str | None = None,
     line_numbers: list[int] | None = None,
+    prompt_completion: bool = False,
 ) -> ReorderedRows:
     """Each of `rows` (structured, or in one of TRL's formats, all in one format) with its answers in `order`.
 
@@ -161,6 +162,8 @@ def reorder_rows(
         tokenizer: the tokenizer of the model to train, with the separators as single tokens; not read for "data".
         separators: `(qa_token, answer_token, question_end)`.
         source, line_numbers: where the rows come from, named in errors (as `format_qas_dataset` takes them).
+        prompt_completion: return structured rows converted to TRL's prompt/completion rows (by `format_qas`, as
+            `trl-qaloss train` converts them), instead of structured.
     Raises:
         ValueError: naming the row, for a row `format_qas` cannot convert, or whose written order does not tokenize
             to the tokens `QALossSFTTrainer` trains on.
@@ -174,14 +177,14 @@ def reorder_rows(
         where = row_location(index, source, line)
         trl_row = as_trl_row(row, separators, index, source, line)
         if seps is None:
-            result.rows.append(row)
+            result.rows.append(trl_row if prompt_completion else row)
             continue
         ids, labels = (torch.tensor([t]) for t in sft_tokens(tokenizer, trl_row))
         orders = item_answer_orders(ids, labels, seps, order, tokenizer=text)
         new_row = reordered_row(row, orders, separators, where)
         expected = reorder_answers(ids, labels, seps, order, tokenizer=text)
-        written = sft_tokens(tokenizer, as_trl_row(new_row, separators, index, source, line))
-        if list(written) != [t[0].tolist() for t in expected]:
+        new_trl_row = as_trl_row(new_row, separators, index, source, line)
+        if list(sft_tokens(tokenizer, new_trl_row)) != [t[0].tolist() for t in expected]:
             raise ValueError(
                 f"{where}: with its answers reordered, the row tokenizes to other tokens than those "
                 f"QALossSFTTrainer trains on (the tokenizer joins an answer with the text around it), so plain SFT "
@@ -189,5 +192,5 @@ def reorder_rows(
             )
         result.items += sum(len(o) >= 2 for o in orders)
         result.moved += sum(o != sorted(o) for o in orders)
-        result.rows.append(new_row)
+        result.rows.append(new_trl_row if prompt_completion else new_row)
     return result

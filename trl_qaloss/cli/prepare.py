@@ -48,6 +48,12 @@ def make_parser() -> ArgumentParser:
         "order token ids and decoded text",
     )
     parser.add_argument("--output", required=True, help="the .jsonl file to write")
+    parser.add_argument(
+        "--prompt_completion",
+        action="store_true",
+        help="write structured rows as the prompt/completion rows `trl-qaloss train` converts them to (TRL's "
+        "format, which other trainers read) instead of structured",
+    )
     for name, default in separator_defaults().items():
         parser.add_argument(f"--{name}", default=default, help=f"as in QALossConfig (default: {default!r})")
     return parser
@@ -104,7 +110,9 @@ def prepare(args) -> str:
     check_columns(trl_rows, source["source"], "text", has_formatting_func=False)
     if tokenizer is not None:
         check_chat_template(trl_rows, source["source"], tokenizer, None)
-    result = reorder_rows(rows, args.answer_order, tokenizer, separators, **source)
+    result = reorder_rows(
+        rows, args.answer_order, tokenizer, separators, **source, prompt_completion=args.prompt_completion
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as file:
         file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in result.rows)
