@@ -36,6 +36,17 @@ def reordered(model, batch, seps, order, tokenizer):
     return {**batch, "input_ids": ids, "labels": labels}
 
 
+def trained_input_ids(trainer, batch) -> list[torch.Tensor]:
+    """The `input_ids` of each forward of one training-mode `compute_loss` on `batch`: what the model trains on."""
+    seen = []
+    hook = trainer.model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    trainer.model.train()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, dict(batch))
+    hook.remove()
+    return seen
+
+
 @pytest.mark.parametrize("order", MODES)
 def test_lambda_set_zero_is_sft_on_the_reordered_batch(tokenizer, tmp_path, order):
     model = swapping_llama(tokenizer)
@@ -202,12 +213,7 @@ def test_a_batch_whose_largest_item_has_two_answers_is_reordered(tokenizer, tmp_
     seps = QASeparators.from_tokenizer(tokenizer)
     expected, _ = reorder_answers(batch["input_ids"], batch["labels"], seps, "canonical")
     assert not torch.equal(expected, batch["input_ids"])  # sorted, the low id comes first
-    seen = []
-    hook = trainer.model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    trainer.model.train()
-    with torch.no_grad():
-        trainer.compute_loss(trainer.model, dict(batch))
-    hook.remove()
+    seen = trained_input_ids(trainer, batch)
     assert len(seen) == 1 and torch.equal(seen[0], expected)
 
 
@@ -277,10 +283,5 @@ def test_appearance_reads_each_packed_sequence_prompt(tokenizer, tmp_path):
     expected, _ = reorder_answers_reference(*rows, "appearance", **kwargs)
     canonical, _ = reorder_answers(*rows, "canonical", **kwargs)
     assert not torch.equal(expected, canonical)
-    seen = []
-    hook = trainer.model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    trainer.model.train()
-    with torch.no_grad():
-        trainer.compute_loss(trainer.model, dict(batch))
-    hook.remove()
+    seen = trained_input_ids(trainer, batch)
     assert len(seen) == 1 and torch.equal(seen[0], expected)
