@@ -1,6 +1,6 @@
 """Which training target gives the best answer sets? Plain SFT against the set loss and the answer orders, on the demo.
 
-    python benchmarks/set_vs_sft.py            # the full run: 9 methods x 3 tasks x 3 seeds x 2 budgets
+    python benchmarks/set_vs_sft.py            # the full run: 10 methods x 3 tasks x 3 seeds x 2 budgets
     python benchmarks/set_vs_sft.py --quick    # a few minutes: every method and task, 1 seed, a few steps
     python benchmarks/set_vs_sft.py --model Qwen/Qwen2.5-0.5B-Instruct --data my_qa_dir --lora --learning_rate 2e-4
                                                # your model and data: one task, LoRA instead of full fine-tuning
@@ -15,6 +15,7 @@ Methods (the same model, data, seeds, optimizer, hyperparameters and steps for a
 | plain SFT | `data` | 0 |
 | set loss | `data` | 1 |
 | canonical | `canonical` | 0 |
+| appearance | `appearance` | 0 |
 | preferred | `preferred` | 0 |
 | aligned | `aligned` | 0 |
 | aligned + set loss | `aligned` | 1 |
@@ -75,6 +76,7 @@ METHODS = {  # name: (answer_order, lambda_set)
     "plain SFT": ("data", 0.0),
     "set loss": ("data", 1.0),
     "canonical": ("canonical", 0.0),
+    "appearance": ("appearance", 0.0),
     "preferred": ("preferred", 0.0),
     "aligned": ("aligned", 0.0),
     "aligned + set loss": ("aligned", 1.0),

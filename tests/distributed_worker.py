@@ -24,6 +24,7 @@ SETTINGS = {
     "set_sum": dict(lambda_ce=0.0, lambda_set=1.0, set_loss_reduction="sum"),
     # Each answer order, with both terms, and "aligned" with the CE term alone (the plain SFTTrainer loss).
     "canonical": dict(lambda_ce=1.0, lambda_set=1.0, answer_order="canonical"),
+    "appearance": dict(lambda_ce=1.0, lambda_set=1.0, answer_order="appearance"),
     "preferred": dict(lambda_ce=1.0, lambda_set=1.0, answer_order="preferred"),
     "aligned": dict(lambda_ce=1.0, lambda_set=1.0, answer_order="aligned"),
     "aligned_ce": dict(lambda_ce=1.0, lambda_set=0.0, answer_order="aligned"),

@@ -23,7 +23,7 @@ import torch
 from tests.distributed_worker import GLOBAL_BATCH, one_step_config, swapping_llama
 from tests.testing_utils import build_tokenizer, qa_dataset
 
-ORDERS = ("data", "canonical", "preferred", "aligned")
+ORDERS = ("data", "canonical", "appearance", "preferred", "aligned")
 # (name, config overrides): each answer order, with the CE term alone and with the set term added.
 SETTINGS = {
     f"{order}_set{int(lambda_set)}": dict(answer_order=order, lambda_ce=1.0, lambda_set=lambda_set)

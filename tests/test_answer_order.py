@@ -12,11 +12,12 @@ from hypothesis import given, settings
 from tests.strategies import PROFILE, SEPS, TOKENIZER, VOCAB, batches
 from tests.testing_utils import qa_text, random_batch
 from trl_qaloss import reorder_answers, set_matching_loss
+from trl_qaloss.engine.answer_order import item_answer_orders
 from trl_qaloss.engine.parsing import parse_row_answers
 from trl_qaloss.engine.reference import reorder_answers_reference
 from trl_qaloss.engine.scoring import LogitsScorer
 
-ORDERS = ("data", "canonical", "preferred", "aligned")
+ORDERS = ("data", "canonical", "appearance", "preferred", "aligned")
 
 
 def encode_rows(texts: list[str], prompt_tokens: int = 3, pad_to: int | None = None):
@@ -56,6 +57,11 @@ def test_example_of_each_mode():
     first = "<A> ann <A> ann carl <A> <A> bob" if token["ann"] < token["bob"] else "<A> bob <A> ann <A> <A> ann carl"
     second = " <A> ".join(sorted(["rome", "paris"], key=lambda w: token[w]))
     assert TOKENIZER.decode(canonical[0]) == f"ctx: <QA> who wrote? {first} <QA> where? <A> {second}<eos>"
+    # The answers the prompt names first, in the order it names them; the others after, sorted.
+    ids, labels = encode_rows(["rome, then bob: <QA> who? <A> ann <A> bob <QA> where? <A> paris <A> rome<eos>"], 6)
+    appearance, _ = reorder_answers(ids, labels, SEPS, "appearance", tokenizer=TOKENIZER)
+    expected = "rome, then bob: <QA> who? <A> bob <A> ann <QA> where? <A> rome <A> paris<eos>"
+    assert TOKENIZER.decode(appearance[0]) == expected
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -64,7 +70,7 @@ def test_reordering_keeps_everything_but_the_answer_order(order, seed):
     ids, labels = random_rows(seed)
     logits = torch.randn(*ids.shape, VOCAB, generator=torch.Generator().manual_seed(seed))
     ids_before, labels_before = ids.clone(), labels.clone()
-    new_ids, new_labels = reorder_answers(ids, labels, SEPS, order, logits=logits)
+    new_ids, new_labels = reorder_answers(ids, labels, SEPS, order, logits=logits, tokenizer=TOKENIZER)
     assert torch.equal(ids, ids_before) and torch.equal(labels, labels_before)  # inputs untouched
     assert new_ids.shape == ids.shape and new_labels.shape == labels.shape
     assert torch.equal(new_labels == -100, labels == -100)  # prompt and padding masks
@@ -188,8 +194,9 @@ def test_random_batches_match_reference(order, seed):
     position_ids = None
     if seed % 2:  # packed rows: each row cut into sequences
         position_ids = torch.cat([torch.arange(17), torch.arange(labels.size(1) - 17)]).expand_as(labels)
-    out = reorder_answers(ids, labels, SEPS, order, logits=logits, position_ids=position_ids)
-    ref = reorder_answers_reference(ids, labels, SEPS, order, logits=logits, position_ids=position_ids)
+    kwargs = dict(logits=logits, position_ids=position_ids, tokenizer=TOKENIZER)
+    out = reorder_answers(ids, labels, SEPS, order, **kwargs)
+    ref = reorder_answers_reference(ids, labels, SEPS, order, **kwargs)
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
 
@@ -197,10 +204,13 @@ def test_random_batches_match_reference(order, seed):
 @given(batch=batches())
 def test_adversarial_batches_match_reference(batch):
     logits, labels, position_ids = batch
-    ids = torch.where(labels == -100, TOKENIZER.eos_token_id, labels)
+    # Unlabelled positions (prompts, holes) hold the predicted tokens: answers and separators occur in them too.
+    predicted = logits.argmax(-1)
+    ids = torch.where(labels != -100, labels, torch.where(predicted < VOCAB, predicted, TOKENIZER.eos_token_id))
+    kwargs = dict(logits=logits, position_ids=position_ids, tokenizer=TOKENIZER)
     for order in ORDERS[1:]:
-        out = reorder_answers(ids, labels, SEPS, order, logits=logits, position_ids=position_ids)
-        ref = reorder_answers_reference(ids, labels, SEPS, order, logits=logits, position_ids=position_ids)
+        out = reorder_answers(ids, labels, SEPS, order, **kwargs)
+        ref = reorder_answers_reference(ids, labels, SEPS, order, **kwargs)
         assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), order
 
 
@@ -220,6 +230,7 @@ def test_half_precision_logits():
     [
         (dict(order="sorted"), "answer_order"),
         (dict(order="preferred"), "needs the `logits`"),
+        (dict(order="appearance"), "needs the `tokenizer`"),
         (dict(order="aligned", logits=torch.zeros(1, 3, 5)), r"\[B, T, V\]"),
         (dict(order="aligned", logits=torch.zeros(2, 6, 5, dtype=torch.long)), "float"),
         (dict(order="canonical", position_ids=torch.zeros(2, 5)), "position_ids"),
@@ -274,3 +285,21 @@ def test_aligned_set_loss_does_not_train_repeats():
     new_ids, new_labels = reorder_answers(data_ids, data_labels, SEPS, "aligned", logits=model_logits(data_ids))
     assert TOKENIZER.decode(new_ids[0]) == "ctx: <QA> who? <A> bob <A> ann<eos>"
     assert repeat_pushes(new_ids, new_labels) == []
+
+
+@pytest.mark.parametrize("order", ("data", "canonical", "appearance"))
+@pytest.mark.parametrize("seed", range(4))
+def test_item_answer_orders_say_where_reorder_answers_moves_each_answer(order, seed):
+    ids, labels = random_rows(seed)
+    _, new_labels = reorder_answers(ids, labels, SEPS, order, tokenizer=TOKENIZER)
+    orders = iter(item_answer_orders(ids, labels, SEPS, order, tokenizer=TOKENIZER))
+    for b in range(ids.size(0)):
+        for item, new_item in zip(items_of(labels, b), items_of(new_labels, b), strict=True):
+            assert [item[j] for j in next(orders)] == new_item
+    assert next(orders, None) is None
+
+
+def test_item_answer_orders_refuse_the_model_orders():
+    ids, labels = random_rows(0)
+    with pytest.raises(ValueError, match="reads the model"):
+        item_answer_orders(ids, labels, SEPS, "aligned")

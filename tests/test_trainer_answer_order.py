@@ -10,21 +10,41 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from tests.distributed_worker import copying_llama, swapping_llama
-from tests.testing_utils import WORDS, config_values, first_batch, nf4_quantization, qa_config, qa_dataset, tiny_llama
+from tests.testing_utils import (
+    WORDS,
+    config_values,
+    first_batch,
+    grounded_rows,
+    nf4_quantization,
+    qa_config,
+    qa_dataset,
+    tiny_llama,
+)
 from trl_qaloss import QALossSFTTrainer, reorder_answers, set_matching_loss
 from trl_qaloss.engine.scoring import ModelScorer
 
-MODES = ("canonical", "preferred", "aligned")
+MODES = ("canonical", "appearance", "preferred", "aligned")
 
 
-def reordered(model, batch, seps, order):
+def reordered(model, batch, seps, order, tokenizer):
     """The batch reordered by `reorder_answers` from the full logits of an eval-mode forward."""
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     model.train()
-    ids, labels = reorder_answers(batch["input_ids"], batch["labels"], seps, order, logits=logits)
+    ids, labels = reorder_answers(batch["input_ids"], batch["labels"], seps, order, logits=logits, tokenizer=tokenizer)
     return {**batch, "input_ids": ids, "labels": labels}
+
+
+def trained_input_ids(trainer, batch) -> list[torch.Tensor]:
+    """The `input_ids` of each forward of one training-mode `compute_loss` on `batch`: what the model trains on."""
+    seen = []
+    hook = trainer.model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    trainer.model.train()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, dict(batch))
+    hook.remove()
+    return seen
 
 
 @pytest.mark.parametrize("order", MODES)
@@ -37,7 +57,7 @@ def test_lambda_set_zero_is_sft_on_the_reordered_batch(tokenizer, tmp_path, orde
         processing_class=tokenizer,
     )
     batch = first_batch(trainer)
-    expected_batch = reordered(trainer.model, batch, trainer.separators, order)
+    expected_batch = reordered(trainer.model, batch, trainer.separators, order, tokenizer)
     assert not torch.equal(expected_batch["input_ids"], batch["input_ids"])  # the batch does change
     trainer.model.train()
     with torch.no_grad():
@@ -62,7 +82,7 @@ def test_both_terms_read_the_reordered_batch(tokenizer, tmp_path, order):
     args = qa_config(tmp_path, lambda_ce=0.0, lambda_set=1.0, answer_order=order, set_loss_reduction="sum")
     trainer = QALossSFTTrainer(model=model, args=args, train_dataset=qa_dataset(), processing_class=tokenizer)
     batch = first_batch(trainer)
-    expected_batch = reordered(trainer.model, batch, trainer.separators, order)
+    expected_batch = reordered(trainer.model, batch, trainer.separators, order, tokenizer)
     trainer.model.train()
     with torch.no_grad():
         ours = trainer.compute_loss(trainer.model, dict(batch))
@@ -193,12 +213,7 @@ def test_a_batch_whose_largest_item_has_two_answers_is_reordered(tokenizer, tmp_
     seps = QASeparators.from_tokenizer(tokenizer)
     expected, _ = reorder_answers(batch["input_ids"], batch["labels"], seps, "canonical")
     assert not torch.equal(expected, batch["input_ids"])  # sorted, the low id comes first
-    seen = []
-    hook = trainer.model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    trainer.model.train()
-    with torch.no_grad():
-        trainer.compute_loss(trainer.model, dict(batch))
-    hook.remove()
+    seen = trained_input_ids(trainer, batch)
     assert len(seen) == 1 and torch.equal(seen[0], expected)
 
 
@@ -245,3 +260,28 @@ def test_no_separators_needed_without_set_loss_or_reordering(tmp_path):
         processing_class=tokenizer,
     )
     assert trainer.separators is None and len(tokenizer) == vocab
+
+
+def test_appearance_reads_each_packed_sequence_prompt(tokenizer, tmp_path):
+    """Packed rows: the batch the model trains on is the reference's, each item reading its own sequence's prompt."""
+    from datasets import Dataset
+
+    from trl_qaloss.data import format_qas
+    from trl_qaloss.engine.reference import reorder_answers_reference
+
+    args = qa_config(tmp_path, packing=True, max_length=128, lambda_set=0.0, answer_order="appearance")
+    trainer = QALossSFTTrainer(
+        model=tiny_llama(len(tokenizer)),
+        args=args,
+        train_dataset=Dataset.from_list([format_qas(row) for row in grounded_rows(16)]),
+        processing_class=tokenizer,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))  # on the CPU, as the trainer is
+    assert int((batch["position_ids"] == 0).sum()) > batch["input_ids"].size(0)  # several sequences in a row
+    rows = (batch["input_ids"], batch["labels"], trainer.separators)
+    kwargs = dict(position_ids=batch["position_ids"], tokenizer=tokenizer)
+    expected, _ = reorder_answers_reference(*rows, "appearance", **kwargs)
+    canonical, _ = reorder_answers(*rows, "canonical", **kwargs)
+    assert not torch.equal(expected, canonical)
+    seen = trained_input_ids(trainer, batch)
+    assert len(seen) == 1 and torch.equal(seen[0], expected)

@@ -51,6 +51,25 @@ def qa_dataset(num_rows: int = 32, seed: int = 0):
     return Dataset.from_list(rows)
 
 
+NAMES = ("ann", "bob", "carl", "dana", "eve", "frank", "gina", "hugo", "iris", "jack")
+CITIES = ("paris", "london", "rome", "berlin")
+
+
+def grounded_rows(num_rows: int = 16, seed: int = 0) -> list[dict]:
+    """Structured rows `{"context", "qas"}` whose context names some of the answers (capitalized now and then, in
+    another order than the answers list), and whose answers are partly not in it."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_rows):
+        people, cities = rng.sample(NAMES, rng.randint(2, 5)), rng.sample(CITIES, rng.randint(1, 3))
+        named = rng.sample(people, rng.randint(0, len(people))) + rng.sample(cities, rng.randint(0, len(cities)))
+        rng.shuffle(named)
+        words = [w.title() if rng.random() < 0.3 else w for w in named + rng.sample(NAMES, 2)]
+        qas = [{"question": "who was there?", "answers": people}, {"question": "which cities?", "answers": cities}]
+        rows.append({"context": "notes: " + ", ".join(words) + ".", "qas": qas[: rng.randint(1, 2)]})
+    return rows
+
+
 def qa_config(tmp_path, **overrides):
     from trl_qaloss import QALossConfig
 

@@ -31,7 +31,7 @@ class QALossConfig(SFTConfig):
         set_loss_reduction (`str`, defaults to `"mean"`): `"mean"` divides the summed pair costs by the number of
             target answer tokens, `"sum"` keeps the sum.
         answer_order (`str`, defaults to `"canonical"`): how each item's target answers are ordered before both loss
-            terms read them, in training: `"data"`, `"canonical"`, `"preferred"` or `"aligned"` (see
+            terms read them, in training: `"data"`, `"canonical"`, `"appearance"`, `"preferred"` or `"aligned"` (see
             [`reorder_answers`]). Evaluation losses use the targets as given.
         eval_generate_samples (`int`, defaults to `0`): at each evaluation, complete this many eval prompts (the
             first rows of the eval dataset, greedy) and log answer-set metrics (`eval_set_f1`, ...; see
@@ -93,10 +93,12 @@ class QALossConfig(SFTConfig):
         default="canonical",
         metadata={
             "help": "Order of each item's target answers during training: 'canonical' (the default: sorted by token "
-            "ids, the best answer sets in the benchmark), 'data' (as given), 'preferred' (the answer the model "
-            "scores highest first) or 'aligned' (the model's own answers, matched by token IoU). Every mode "
-            "rewrites the target sequence itself, so both loss terms train on a consistent context; 'preferred' "
-            "and 'aligned' cost one extra forward without gradient.",
+            "ids, the best answer sets in the benchmark), 'data' (as given), 'appearance' (the answers that occur "
+            "in the prompt first, in the order they first occur there, then the others in canonical order; "
+            "'occurs': the answer's normalized text is in the prompt's on word boundaries, as the metrics normalize), "
+            "'preferred' (the answer the model scores highest first) or 'aligned' (the model's own answers, "
+            "matched by token IoU). Every mode rewrites the target sequence itself, so both loss terms train on a "
+            "consistent context; 'preferred' and 'aligned' cost one extra forward without gradient.",
             "choices": list(ANSWER_ORDERS),
         },
     )

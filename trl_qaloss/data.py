@@ -30,7 +30,7 @@ TRL_FORMATS = ({"prompt", "completion"}, {"messages"}, {"text"})
 STRUCTURED_EXAMPLE = '{"context": "...", "qas": [{"question": "...?", "answers": ["...", "..."]}]}'
 
 
-def _where(index: int | None, source: str | None, line: int | None = None) -> str:
+def row_location(index: int | None, source: str | None, line: int | None = None) -> str:
     """Where a row is, for errors: `my.jsonl, line 6` when the row's line in its file is known, else `Row 5 of ...`
     (its index in the dataset)."""
     if line is not None and source:
@@ -151,7 +151,7 @@ def format_qas(
     Raises:
         ValueError: naming the row and the field, if the row cannot be converted exactly.
     """
-    where = _where(index, source, line)
+    where = row_location(index, source, line)
     if "context" in row and "prompt" in row and row["context"] is not None and row["prompt"] is not None:
         raise ValueError(f"{where}: has both `context` and `prompt`; give one of them.")
     key = "context" if row.get("context") is not None else "prompt"
@@ -282,6 +282,21 @@ def load_qa_dataset(name_or_path: str, config: str | None = None, streaming: boo
     Returns:
         a `datasets.DatasetDict` (or `IterableDatasetDict` with `streaming=True`).
     """
+    dataset, sources = load_dataset_rows(name_or_path, config, streaming)
+    for split in list(dataset):
+        dataset[split] = format_qas_dataset(dataset[split], **sources[split], **kwargs)
+    return dataset
+
+
+@quiet_dataset_preparation()
+def load_dataset_rows(name_or_path: str, config: str | None = None, streaming: bool = False):
+    """The rows of a dataset as `load_qa_dataset` reads them, not yet converted, and where each split's rows are.
+
+    Returns:
+        `(dataset, sources)`: a `datasets.DatasetDict` (or `IterableDatasetDict`), and for each split the keyword
+        arguments `format_qas_dataset` names its rows with in errors: `{"source": ..., "line_numbers": ...}` (the
+        line numbers when the split is one local JSONL file, else None).
+    """
     from datasets import load_dataset
 
     split_files = {}  # split -> its one local file, whose line numbers errors name
@@ -303,6 +318,7 @@ def load_qa_dataset(name_or_path: str, config: str | None = None, streaming: boo
         raise FileNotFoundError(f"Dataset file not found: {name_or_path!r} (from `dataset_name`).")
     else:
         dataset = load_dataset(name_or_path, name=config, streaming=streaming)
+    sources = {}
     for split in list(dataset):
         file = split_files.get(split)
         numbers = lines.get(file)
@@ -310,10 +326,10 @@ def load_qa_dataset(name_or_path: str, config: str | None = None, streaming: boo
             source = (
                 name_or_path if os.path.isfile(name_or_path) else os.path.join(name_or_path, os.path.basename(file))
             )
-            dataset[split] = format_qas_dataset(dataset[split], source=source, line_numbers=numbers, **kwargs)
+            sources[split] = {"source": source, "line_numbers": numbers}
         else:
-            dataset[split] = format_qas_dataset(dataset[split], source=f"{name_or_path} [{split}]", **kwargs)
-    return dataset
+            sources[split] = {"source": f"{name_or_path} [{split}]", "line_numbers": None}
+    return dataset, sources
 
 
 def directory_split_files(directory: str) -> dict[str, str]:

@@ -25,9 +25,9 @@ For one pair, with $\hat S$ and $S$ the sets of normalized predicted and referen
 - `cardinality_error`: mean of $\big|\,n_{pred} - n_{ref}\big|$ and `cardinality_bias` mean of $n_{pred} - n_{ref}$,
   with $n$ the number of parsed answers (duplicates included: repeating an answer is an error of the count).
 
-Normalization is SQuAD's, made Unicode-aware: NFKC, lowercase, drop punctuation (Unicode category P*), drop the
-articles a/an/the, collapse whitespace. An answer that normalizes to nothing (`"the"`, `"..."`) keeps its lowercased,
-whitespace-collapsed text, so it still only matches itself.
+Normalization is SQuAD's, made Unicode-aware (`engine/normalization.py`): NFKC, lowercase, drop punctuation
+(Unicode category P*), drop the articles a/an/the, collapse whitespace. An answer that normalizes to nothing (`"the"`,
+`"..."`) keeps its lowercased, whitespace-collapsed text, so it still only matches itself.
 
 `duplicate_rate` is the share of all predicted answers (in every predicted item, paired or not) that repeat an
 earlier answer of their own item after normalization: `<A> Ann <A> ann. <A> Bob` has 1 repeat in 3 answers (0.0
@@ -44,17 +44,14 @@ number of pairs scored.
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections import Counter
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from .engine.normalization import normalize_answer
 from .engine.options import MATCH_QUESTIONS, check_choice
 from .engine.parsing import QAItem, parse_qa_text
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 
 SCORE_KEYS = (
     "set_precision",
@@ -75,14 +72,6 @@ COUNT_KEYS = (
     "reference_parse_failures",
     "num_examples",
 )
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalization, Unicode-aware; text it would empty keeps its lowercased, whitespace-collapsed form."""
-    lowered = unicodedata.normalize("NFKC", text).lower()
-    no_punct = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in lowered)
-    normalized = " ".join(_ARTICLES.sub(" ", no_punct).split())
-    return normalized or " ".join(lowered.split())
 
 
 def token_f1(prediction: str, reference: str) -> float:

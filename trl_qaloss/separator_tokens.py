@@ -14,11 +14,16 @@ from .engine.separators import is_single_token
 logger = logging.getLogger(__name__)
 
 
+def missing_separators(tokenizer, qa_token: str, answer_token: str) -> list[str]:
+    """The separators that are not single tokens of `tokenizer`: those `QALossSFTTrainer` adds as special tokens."""
+    return [t for t in (qa_token, answer_token) if not is_single_token(tokenizer, t)]
+
+
 def add_separator_tokens(model, tokenizer, args: QALossConfig, peft_config) -> None:
     """Add `args.qa_token` and `args.answer_token` to `tokenizer` as special tokens if either is not a single token,
     resize `model`'s embeddings (new rows drawn after seeding with `args.seed`) and, with a `peft_config`, list the
     new rows in its `trainable_token_indices`. A model already wrapped by PEFT cannot be resized: ValueError."""
-    missing = [t for t in (args.qa_token, args.answer_token) if not is_single_token(tokenizer, t)]
+    missing = missing_separators(tokenizer, args.qa_token, args.answer_token)
     if not missing:
         return
     if hasattr(model, "peft_config"):

@@ -23,6 +23,7 @@ from .dataset_preparation import (
     prepare_with_truncation_report,
 )
 from .engine.answer_order import reorder_answers
+from .engine.appearance import TokenText
 from .engine.loss import set_loss_terms, target_counts
 from .engine.options import MODEL_ORDERS
 from .engine.parsing import seq_starts_from
@@ -150,10 +151,12 @@ class QALossSFTTrainer(SFTTrainer):
         )
         check_fsdp_took_effect(self.is_fsdp_enabled, self.accelerator.distributed_type)
         self.separators = None
+        self._answer_text = None  # the text "appearance" reads, decoded with the training tokenizer
         if reads_items(args):
             self.separators = QASeparators.from_tokenizer(
                 tokenizer, args.qa_token, args.answer_token, args.question_end
             )
+            self._answer_text = TokenText(tokenizer)
         if reads_items(args) and self.train_dataset is not None:
             hint = self._truncation_hints.get("train")
             check_set_targets(self.train_dataset, self.separators, tokenizer, "train_dataset", args, hint)
@@ -244,6 +247,7 @@ class QALossSFTTrainer(SFTTrainer):
                 self.args.answer_order,
                 position_ids=inputs.get("position_ids"),
                 scorer=scorer,
+                tokenizer=self._answer_text,
             )
             inputs = {**inputs, "input_ids": input_ids, "labels": labels}
         if self.args.lambda_set == 0:

@@ -1,9 +1,11 @@
-"""The `trl-qaloss` command: `train` (`training.py`), `generate` and `evaluate` (`inference.py`).
+"""The `trl-qaloss` command: `train` (`training.py`), `generate` and `evaluate` (`inference.py`), `prepare`
+(`prepare.py`).
 
     trl-qaloss train                                   # the offline CPU demo (the embedded recipes/demo-cpu.yaml)
     trl-qaloss train --config recipes/<name>.yaml [--any_field value ...]
     trl-qaloss generate --adapter DIR --prompt TEXT
     trl-qaloss evaluate --adapter DIR --dataset_name DATA
+    trl-qaloss prepare --dataset_name DATA --answer_order canonical --tokenizer MODEL --output prepared.jsonl
 
 Each command imports what it needs when it runs, so that `trl-qaloss --help` answers at once.
 """
@@ -21,11 +23,12 @@ USAGE = """usage: trl-qaloss <command> [options]
   train      train QALossSFTTrainer from a recipe; without --config, runs the offline CPU demo (recipes/demo-cpu.yaml)
   generate   complete prompts with a trained adapter (or model) and write the parsed questions and answers
   evaluate   answer-set metrics (set-F1, ...) of a trained adapter (or model) on a dataset
+  prepare    write a dataset with each item's answers in a training order (canonical, appearance), for any trainer
 
 `trl-qaloss <command> --help` lists the options of each; `--debug` shows the traceback of an error;
 `trl-qaloss --version` names the installed release and those of the libraries underneath."""
 
-COMMANDS = ("train", "generate", "evaluate")
+COMMANDS = ("train", "generate", "evaluate", "prepare")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     if not argv or argv[0] not in COMMANDS:
         what = f"Unknown command {argv[0]!r}.{did_you_mean(argv[0], COMMANDS)}" if argv else "No command given."
-        report(UsageError(f"{what} The commands are train, generate and evaluate; `trl-qaloss --help` says more."))
+        report(UsageError(f"{what} The commands are {', '.join(COMMANDS)}; `trl-qaloss --help` says more."))
     command, (args, debug) = argv[0], pop_debug_flag(argv[1:])
     show_messages()
     try:
@@ -46,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
             from .training import run_train
 
             run_train(args)
+        elif command == "prepare":
+            from .prepare import run_prepare
+
+            run_prepare(args)
         else:
             from .inference import run_evaluate, run_generate
 

@@ -7,6 +7,10 @@ that every position's context stays consistent with what it is trained to predic
 - `"data"`: the answers as given.
 - `"canonical"`: sorted by the tuples of their non-skip token ids (a prefix sorts before its extensions; ties keep
   data order). Needs no model.
+- `"appearance"`: the answers that occur in the item's prompt first, in the order of their first occurrence there,
+  then the others in `"canonical"` order (ties of either kind: `"canonical"` order). "Occurs": the answer's text,
+  normalized as the metrics normalize answers, appears in the prompt's normalized text on word boundaries; the
+  prompt is everything before the item's completion (see `appearance.py`). Needs the tokenizer, no model.
 - `"preferred"`: by descending log-probability of each answer's first non-skip token at the position that predicts
   the first non-skip token of the item's first answer (ties keep data order): the answer the model would start with
   comes first.
@@ -32,8 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .appearance import TokenText, appearance_ranks, as_token_text
 from .matching import Alignment, AnswerSets, align_answers, group_answers
-from .options import MODEL_ORDERS, check_answer_order
+from .options import MODEL_ORDERS, TEXT_ORDERS, check_answer_order
 from .parsing import AnswerTokens, parse_answer_tokens, seq_starts_from
 from .scoring import LogitsScorer
 from .separators import QASeparators
@@ -116,6 +121,18 @@ def canonical_keys(cores: AnswerCores) -> np.ndarray:
     return keys.cpu().numpy()
 
 
+def appearance_keys(
+    cores: AnswerCores, input_ids: torch.Tensor, targets: torch.Tensor, seps: QASeparators, seq_starts, text: TokenText
+) -> np.ndarray:
+    """`[A, 2 + L]` sort keys: each answer's rank in its item's prompt (`appearance.appearance_ranks`: present answers
+    by first occurrence, then the absent ones), then its `canonical_keys`."""
+    per_item = cores.sets.per_item
+    ordered = ((per_item >= 2) & ~cores.frozen)[cores.sets.item]
+    answers = (cores.row, cores.sets.item, cores.start, cores.end)
+    ranks = appearance_ranks(input_ids, targets, seps, seq_starts, answers, ordered, text)
+    return np.concatenate([ranks, canonical_keys(cores)], 1)
+
+
 def preferred_score_positions(cores: AnswerCores) -> tuple[torch.Tensor, torch.Tensor]:
     """`([A], [A])` row and logits position that scores each answer: the position that predicts the first non-skip
     token of its item's first answer (the same position for every answer of an item)."""
@@ -196,9 +213,13 @@ def apply_answer_order(
     return input_ids.gather(1, source), labels.gather(1, source.to(labels.device))
 
 
-def check_reorder_inputs(input_ids, labels, order: str, logits=None, position_ids=None, scorer=None) -> None:
+def check_reorder_inputs(
+    input_ids, labels, order: str, logits=None, position_ids=None, scorer=None, tokenizer=None
+) -> None:
     """Raise a ValueError naming the argument when the inputs of `reorder_answers` do not fit together."""
     check_answer_order(order)
+    if order in TEXT_ORDERS and tokenizer is None:
+        raise ValueError(f"`answer_order={order!r}` reads text: it needs the `tokenizer` that made `input_ids`.")
     if input_ids.dim() != 2 or labels.shape != input_ids.shape:
         raise ValueError(
             f"`input_ids` and `labels` must both be [B, T]; got {tuple(input_ids.shape)} and {tuple(labels.shape)}."
@@ -218,15 +239,24 @@ def check_reorder_inputs(input_ids, labels, order: str, logits=None, position_id
 
 
 def answer_keys(
-    order: str, targets: torch.Tensor, seps: QASeparators, seq_starts: torch.Tensor | None, scorer
+    order: str,
+    targets: torch.Tensor,
+    seps: QASeparators,
+    seq_starts: torch.Tensor | None,
+    scorer,
+    input_ids: torch.Tensor | None = None,
+    text: TokenText | None = None,
 ) -> tuple[AnswerCores, np.ndarray] | None:
     """The answer cores of shifted `targets` `[B, P]` and their sort keys `[A, L]` under `order` (not "data"), or
-    None when no item has two answers to order (then the scorer is never asked). `scorer`: see `scoring.py`."""
+    None when no item has two answers to order (then the scorer is never asked). `scorer`: see `scoring.py`;
+    `input_ids` `[B, T]` and `text`: what `"appearance"` reads."""
     cores = parse_cores(targets, seps, seps.num_ids(targets), seq_starts)
     if not cores.sets.per_item.numel() or int(cores.sets.per_item.max()) < 2:
         return None
     if order == "canonical":
         return cores, canonical_keys(cores)
+    if order == "appearance":
+        return cores, appearance_keys(cores, input_ids, targets, seps, seq_starts, text)
     if order == "preferred":
         rows, positions = preferred_score_positions(cores)
         kept, index = positions.unique(return_inverse=True)
@@ -238,6 +268,30 @@ def answer_keys(
     return cores_of(alignment.target_tokens, alignment.target_answers, valid), aligned_keys(alignment)
 
 
+def plan_answer_order(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    seps: QASeparators,
+    order: str,
+    logits: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    scorer=None,
+    tokenizer=None,
+) -> tuple[AnswerCores, torch.Tensor] | None:
+    """The answer cores of a batch and the new order of their slots (`new_answer_order`), or None when nothing moves.
+    Arguments as in `reorder_answers`, checked by it."""
+    if order == "data":
+        return None
+    if scorer is None and order in MODEL_ORDERS:
+        scorer = LogitsScorer(logits)
+    text = as_token_text(tokenizer) if order in TEXT_ORDERS else None
+    ordered = answer_keys(order, labels[:, 1:], seps, seq_starts_from(position_ids), scorer, input_ids, text)
+    if ordered is None:
+        return None
+    cores, keys = ordered
+    return cores, new_answer_order(cores, keys)
+
+
 def reorder_answers(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
@@ -246,6 +300,7 @@ def reorder_answers(
     logits: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     scorer=None,
+    tokenizer=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reorder the answers of every item of a batch, rewriting `input_ids` and `labels` together.
 
@@ -253,22 +308,41 @@ def reorder_answers(
         input_ids: `[B, T]` token ids, as passed to a causal LM.
         labels: `[B, T]` un-shifted labels, -100 where ignored; items and answers are read from them.
         seps: from `QASeparators.from_tokenizer`.
-        order: `"data"`, `"canonical"`, `"preferred"` or `"aligned"` (see the module docstring).
+        order: `"data"`, `"canonical"`, `"appearance"`, `"preferred"` or `"aligned"` (see the module docstring).
         logits: `[B, T, V]` un-shifted logits of a forward on `input_ids`, any float dtype; what `"preferred"` and
             `"aligned"` read unless `scorer` is given, ignored by the others.
         position_ids: optional `[B, T]`; in packed rows each 0 starts a sequence, and no item spans two.
         scorer: instead of `logits`, where `"preferred"` and `"aligned"` get the model's scores: a
             `scoring.ModelScorer` runs the model for only what they read (as `QALossSFTTrainer` does).
+        tokenizer: what `"appearance"` decodes the prompts and answers with: the tokenizer that made `input_ids`
+            (or an `appearance.TokenText` of it); ignored by the others.
     Returns:
         New `(input_ids, labels)` tensors of the same shapes; the inputs are never modified.
     """
-    check_reorder_inputs(input_ids, labels, order, logits, position_ids, scorer)
-    if order == "data":
+    check_reorder_inputs(input_ids, labels, order, logits, position_ids, scorer, tokenizer)
+    planned = plan_answer_order(input_ids, labels, seps, order, logits, position_ids, scorer, tokenizer)
+    if planned is None:
         return input_ids.clone(), labels.clone()
-    if scorer is None and order in MODEL_ORDERS:
-        scorer = LogitsScorer(logits)
-    ordered = answer_keys(order, labels[:, 1:], seps, seq_starts_from(position_ids), scorer)
-    if ordered is None:
-        return input_ids.clone(), labels.clone()
-    cores, keys = ordered
-    return apply_answer_order(input_ids, labels, cores, new_answer_order(cores, keys))
+    return apply_answer_order(input_ids, labels, *planned)
+
+
+def item_answer_orders(
+    input_ids: torch.Tensor, labels: torch.Tensor, seps: QASeparators, order: str, tokenizer=None
+) -> list[list[int]]:
+    """Where each answer of each item goes under a model-free `order`, as `reorder_answers` moves it.
+
+    Returns one list per item of the batch (numbered as the loss numbers them: by row, then position): the data
+    indices of its answers that have a core, in their new order. Arguments as in `reorder_answers`.
+    """
+    if order in MODEL_ORDERS:
+        raise ValueError(f"`answer_order={order!r}` reads the model: its order exists only while training.")
+    check_reorder_inputs(input_ids, labels, order, tokenizer=tokenizer)
+    planned = plan_answer_order(input_ids, labels, seps, order, tokenizer=tokenizer)
+    if planned is None:  # nothing moves: every answer stays in its slot
+        cores = parse_cores(labels[:, 1:], seps, seps.num_ids(labels[:, 1:]))
+        planned = cores, torch.arange(cores.sets.item.numel(), device=cores.sets.item.device)
+    cores, new_order = planned
+    orders: list[list[int]] = [[] for _ in range(cores.sets.per_item.numel())]
+    for item, index in zip(cores.sets.item.tolist(), cores.sets.index[new_order].tolist(), strict=True):
+        orders[item].append(index)
+    return orders

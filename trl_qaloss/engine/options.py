@@ -6,9 +6,11 @@ Plain tuples, with no tensor code, so that `QALossConfig` validates a recipe wit
 from __future__ import annotations
 
 # How each item's target answers are ordered before training on them (see `answer_order.py`).
-ANSWER_ORDERS = ("data", "canonical", "preferred", "aligned")
+ANSWER_ORDERS = ("data", "canonical", "appearance", "preferred", "aligned")
 # The orders that read a forward of the model on the batch as given.
 MODEL_ORDERS = ("preferred", "aligned")
+# The orders that read the text of the prompt and the answers, decoded with the tokenizer.
+TEXT_ORDERS = ("appearance",)
 # How a batch's set sum becomes the set loss (see `reduction.py`).
 REDUCTIONS = ("mean", "sum")
 # The config fields that name the separators, in `QASeparators.from_tokenizer`'s order.

@@ -169,6 +169,53 @@ class QAItem:
     answers: list[str]
 
 
+@dataclass
+class QASpans:
+    """Where one item of a text completion is: character offsets `(start, end)` into the text.
+
+    Attributes:
+        question: the question, stripped, without its end marker.
+        answers: each answer that is not empty, from just after its `answer_token` to its last non-whitespace
+            character (so with the whitespace before it, as a token carries it, and without the whitespace after).
+    """
+
+    question: tuple[int, int]
+    answers: list[tuple[int, int]]
+
+
+def _find_all(text: str, sub: str, start: int, end: int) -> list[int]:
+    """The offsets of the non-overlapping occurrences of `sub` in `text[start:end]`, left to right."""
+    found = []
+    at = text.find(sub, start, end)
+    while at >= 0:
+        found.append(at)
+        at = text.find(sub, at + len(sub), end)
+    return found
+
+
+def qa_text_spans(
+    text: str, qa_token: str = "<QA>", answer_token: str = "<A>", question_end: str = "?"
+) -> list[QASpans]:
+    """Where the items and answers of a text completion are, by the rules of `parse_qa_text`."""
+    items = []
+    item_starts = _find_all(text, qa_token, 0, len(text))
+    for k, qa_at in enumerate(item_starts):
+        start, end = qa_at + len(qa_token), item_starts[k + 1] if k + 1 < len(item_starts) else len(text)
+        question_end_at = text.find(question_end, start, end)
+        question = text[start : end if question_end_at < 0 else question_end_at]
+        lead = len(question) - len(question.lstrip())
+        answers = []
+        if question_end_at >= 0:
+            answer_starts = _find_all(text, answer_token, question_end_at + len(question_end), end)
+            for j, answer_at in enumerate(answer_starts):
+                first = answer_at + len(answer_token)
+                last = first + len(text[first : answer_starts[j + 1] if j + 1 < len(answer_starts) else end].rstrip())
+                if text[first:last].strip():
+                    answers.append((first, last))
+        items.append(QASpans((start + lead, start + len(question.rstrip())), answers))
+    return items
+
+
 def parse_qa_text(
     text: str, qa_token: str = "<QA>", answer_token: str = "<A>", question_end: str = "?"
 ) -> list[QAItem]:
@@ -183,12 +230,10 @@ def parse_qa_text(
 
     Example: `parse_qa_text("<QA> Who? <A> Ann <A> <A> Bob")` -> `[QAItem("Who", ["Ann", "Bob"])]`.
     """
-    items = []
-    for chunk in text.split(qa_token)[1:]:
-        question, found, rest = chunk.partition(question_end)
-        answers = [a.strip() for a in rest.split(answer_token)[1:]] if found else []
-        items.append(QAItem(question.strip(), [a for a in answers if a]))
-    return items
+    return [
+        QAItem(text[slice(*item.question)], [text[slice(*a)].strip() for a in item.answers])
+        for item in qa_text_spans(text, qa_token, answer_token, question_end)
+    ]
 
 
 def seq_starts_from(position_ids: torch.Tensor | None, first: int = 0) -> torch.Tensor | None:

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from .answer_order import check_reorder_inputs
+from .appearance import ABSENT, as_token_text
 from .loss import SetLossOutput, _check_inputs
+from .normalization import first_occurrence
 from .parsing import parse_row, parse_row_answers
 from .reduction import reduce_set_loss, reduction_count
 from .separators import QASeparators
@@ -111,11 +113,32 @@ def set_matching_loss_reference(
     return SetLossOutput(reduce_set_loss(total, reduction_count(reduction, stats), reduction), stats)
 
 
-def _item_order(order: str, answers: list, logits_row, pred_answers: list | None) -> list[int]:
-    """The data indices of an item's answers in their new order. `answers`: `[(start, [(pos, tok), ...]), ...]`."""
+def _prompt_tokens(ids: list[int], targets: list[int], starts: list[bool] | None, qa_pos: int, qa_id: int) -> list[int]:
+    """The tokens of the prompt of the item whose `qa_token` is target `qa_pos` of a row: from the start of its
+    sequence to the first `qa_token` of the labelled run that holds it. `targets`: the row's shifted labels."""
+    run = qa_pos  # back to the first labelled position of the run, which a sequence start also begins
+    while run > 0 and targets[run - 1] != -100 and not (starts and starts[run]):
+        run -= 1
+    first_qa = next(p for p in range(run, qa_pos + 1) if targets[p] == qa_id)
+    seq_starts = [p for p in range(qa_pos + 1) if starts and starts[p]]
+    # Target p is token p + 1.
+    return ids[(seq_starts[-1] + 1 if seq_starts else 0) : first_qa + 1]
+
+
+def _appearance_key(answer_text: str, prompt_text: str, tokens: tuple) -> tuple:
+    offset = first_occurrence(answer_text, prompt_text)
+    return (ABSENT, 0, tokens) if offset is None else (0, offset, tokens)
+
+
+def _item_order(order: str, answers: list, logits_row, pred_answers: list | None, texts=None) -> list[int]:
+    """The data indices of an item's answers in their new order. `answers`: `[(start, [(pos, tok), ...]), ...]`;
+    `texts`: for "appearance", the normalized prompt and the normalized text of each answer."""
     tuples = [tuple(tok for _, tok in a) for _, a in answers]
     if order == "canonical":
         return sorted(range(len(answers)), key=lambda j: tuples[j])
+    if order == "appearance":
+        prompt, answer_texts = texts
+        return sorted(range(len(answers)), key=lambda j: _appearance_key(answer_texts[j], prompt, tuples[j]))
     if order == "preferred":
         scoring_pos = answers[0][1][0][0]
         scores = [float(logits_row[scoring_pos, t[0]].float()) for t in tuples]
@@ -139,18 +162,21 @@ def reorder_answers_reference(
     order: str = "data",
     logits: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    tokenizer=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract and result as `trl_qaloss.reorder_answers`, item by item with plain Python lists."""
-    check_reorder_inputs(input_ids, labels, order, logits, position_ids)
+    check_reorder_inputs(input_ids, labels, order, logits, position_ids, tokenizer=tokenizer)
     new_ids, new_labels = input_ids.clone(), labels.clone()
     if order == "data":
         return new_ids, new_labels
     targets = labels[:, 1:]
     for b in range(targets.size(0)):
         starts = None if position_ids is None else (position_ids[b, 1:] == 0).tolist()
+        row_ids, row_targets = input_ids[b].tolist(), targets[b].tolist()
         for positions in _sequences((targets[b] != -100).nonzero().flatten().tolist(), starts):
             valid = set(positions)
             items = parse_row_answers(targets[b, positions].tolist(), positions, seps)
+            qa_positions = [p for p in positions if row_targets[p] == seps.qa_id]
             pred_items = []
             if order == "aligned":
                 pred_items = parse_row(logits[b, positions].argmax(-1).tolist(), positions, seps)
@@ -159,7 +185,14 @@ def reorder_answers_reference(
                 if not spans or any(p not in valid for p in range(spans[0][0], spans[-1][1] + 1)):
                     continue  # an item whose answers span an unlabelled position keeps its order
                 preds = pred_items[k] if k < len(pred_items) else []
-                new_order = _item_order(order, answers, logits[b] if logits is not None else None, preds)
+                texts = None
+                if order == "appearance":
+                    text = as_token_text(tokenizer)
+                    prompt_ids = _prompt_tokens(row_ids, row_targets, starts, qa_positions[k], seps.qa_id)
+                    (prompt,) = text.normalized([prompt_ids])
+                    # An answer's text: its tokens after its `answer_id` token (target p is token p + 1).
+                    texts = prompt, text.normalized([row_ids[start + 2 : a[-1][0] + 2] for start, a in answers])
+                new_order = _item_order(order, answers, logits[b] if logits is not None else None, preds, texts)
                 source = []
                 for slot, j in enumerate(new_order):
                     source += range(spans[j][0], spans[j][1] + 1)

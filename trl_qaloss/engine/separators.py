@@ -14,6 +14,12 @@ def is_single_token(tokenizer, text: str) -> bool:
     return len(ids) == 1 and not unknown
 
 
+def special_token_ids(tokenizer) -> set[int]:
+    """The ids of the tokenizer's special tokens: its named ones and every added token marked special."""
+    special = set(tokenizer.all_special_ids)
+    return special | {i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special}
+
+
 def _single_token_id(tokenizer, text: str, field_name: str) -> int:
     """Id of `text` if the tokenizer keeps it as one token; a ValueError that says how to fix it otherwise."""
     if not text:
@@ -68,8 +74,7 @@ class QASeparators:
             raise ValueError("`question_end` must be a non-empty string, e.g. '?'.")
         qa_id = _single_token_id(tokenizer, qa_token, "qa_token")
         answer_id = _single_token_id(tokenizer, answer_token, "answer_token")
-        special = set(tokenizer.all_special_ids)
-        special |= {i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special}
+        special = special_token_ids(tokenizer)
         vocab_size = len(tokenizer)
         # One batched decode of every id: BPE tokens carry their spaces and punctuation merged in.
         texts = tokenizer.batch_decode(
