@@ -448,7 +448,7 @@ SUMMARY_EXAMPLES = 3
 def run_summary(trainer, script_args, training_args, model_args) -> str:
     """What `train` prints at the end: the last answer-set evaluation (a table and a few held-out examples, generated
     and reference answer sets side by side), where the model is, and the `generate` and `evaluate` commands to run
-    next with the evaluation's own settings."""
+    next with the evaluation's own settings (and, for an adapter, the `merge` command)."""
     from ..callbacks import QASetEvalCallback
     from ..demo import portable_demo_path
 
@@ -478,6 +478,8 @@ def run_summary(trainer, script_args, training_args, model_args) -> str:
             f"{script_args.dataset_test_split} --eval_generate_samples {len(examples)}{max_new_tokens} --batch_size "
             f"{callback.batch_size}"
         )
+    if model_args.use_peft:  # one model directory to serve
+        lines.append(f"  trl-qaloss merge --adapter {output_dir} --output {output_dir.rstrip('/')}-merged")
     return "\n".join(lines)
 
 
