@@ -116,7 +116,7 @@ def test_evaluate_prints_and_writes_the_answer_set_metrics(demo_adapter, tmp_pat
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["generate", "--adapter", "nope", "--prompt", "x"], r"'nope' is not a LoRA adapter directory"),
+        (["generate", "--adapter", "nope", "--prompt", "x"], r"Adapter directory not found: 'nope'"),
         (["generate", "--adapter", "ADAPTER", "--prompts", "nope.jsonl"], r"Prompts file not found: 'nope\.jsonl'"),
         (["evaluate", "--adapter", "ADAPTER", "--dataset_name", "nope.jsonl"], r"Dataset file not found"),
     ],

@@ -13,7 +13,8 @@ user would run them after cloning: `bash` blocks command by command, `python` bl
   or the pinned CPU torch, and does not repeat it offline), and `python -m pytest -q` is the run this test belongs
   to: both are checked against `.ci/run` instead of being run again.
 
-Blocks without a language are what a command prints; they are not run. A `print(...)  # expected` line in a `python`
+Blocks without a language are what a command prints, and `console` blocks commands that need what the tests lack (a
+GPU, a server): neither is run. A `print(...)  # expected` line in a `python`
 block must print what its comment says (`...` standing for any text).
 """
 
@@ -164,7 +165,7 @@ def run(args: list[str], repo: Path, env: dict, what: str) -> str:
 
 def test_every_block_has_a_language_or_is_output():
     languages = {language for language, _ in readme_blocks()}
-    assert languages <= {"bash", "python", ""}, languages
+    assert languages <= {"bash", "python", "console", ""}, languages
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +221,20 @@ def test_python_blocks_print_what_their_comments_say(readme_run):
             assert re.fullmatch(pattern, line.strip()), (pattern, line)
             checked += 1
     assert checked >= 3
+
+
+def test_the_merged_demo_model_reproduces_its_adapters_answer_sets(readme_run):
+    """`trl-qaloss merge` on the quickstart's adapter, as "Serve the model" runs it: one model directory without
+    adapter or quantization, whose `evaluate` gives the adapter's exact-set match on the 80 held-out rows (within the
+    one question that a near tie may flip: 1/201 of the questions)."""
+    repo, _ = readme_run
+    merged = repo / "outputs" / "demo-cpu-merged"
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    adapter = json.loads((repo / "outputs" / "demo-cpu" / "eval_results.json").read_text())
+    evaluated = json.loads((merged / "eval_results.json").read_text())
+    assert evaluated["num_rows"] == adapter["num_rows"] == 80
+    assert evaluated["metrics"]["exact_set_match"] == pytest.approx(adapter["metrics"]["exact_set_match"], abs=0.011)
 
 
 def test_the_demo_reaches_the_answer_sets_the_readme_states(readme_run):

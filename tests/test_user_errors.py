@@ -142,7 +142,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 # Mistakes on the command lines of every command, each one line and exit code 1: (arguments, the message expected)
 COMMAND_LINE_CASES = {
-    "no command": ([], r"No command given\. The commands are train, generate, evaluate, prepare"),
+    "no command": ([], r"No command given\. The commands are train, generate, evaluate, prepare and merge"),
     "unknown command": (["trian"], r"Unknown command 'trian'\. Did you mean `train`\?"),
     "generate without prompts": (
         ["generate", "--adapter", "out"],

@@ -30,17 +30,20 @@ def is_local_path(name_or_path: str) -> bool:
     return name_or_path.startswith((".", "/", "~")) or name_or_path.rstrip("/").count("/") > 1
 
 
-def how_to_get(name: str, field: str) -> str:
+def how_to_get(name: str, give: str) -> str:
     # `hf` is huggingface_hub's command line (`huggingface-cli` before huggingface_hub 1.0).
     return (
-        f"Give a local copy with `{field} /path/to/local/copy` (on a machine with Hub access, "
-        f"`hf download {name} --local-dir /path/to/local/copy` makes one)."
+        f"Give a local copy {give} (on a machine with Hub access, `hf download {name} --local-dir "
+        "/path/to/local/copy` makes one)."
     )
 
 
-def check_model_source(name_or_path: str | None, revision: str | None = None, field: str = "--model_name_or_path"):
+def check_model_source(
+    name_or_path: str | None, revision: str | None = None, field: str = "--model_name_or_path", give: str | None = None
+):
     """Raise an `OSError` (a `ValueError` when unset) unless `name_or_path` can be loaded: a local directory, a Hub id
     whose config.json is in the local cache, or a Hub id the Hub answers for (asked once, `HUB_TIMEOUT` seconds).
+    `field` names where the name came from; `give`, how to give a local copy instead (default: with `field`).
 
     With `HF_HUB_OFFLINE=1`, or when the Hub does not answer, a Hub id that is not cached fails at once, naming the
     model and how to get it. An answer from the Hub other than "found" (private, gated, no such model) is left to
@@ -66,7 +69,7 @@ def check_model_source(name_or_path: str | None, revision: str | None = None, fi
     if constants.is_offline_mode():
         raise OSError(
             f"Model {name_or_path!r} is not a local directory and not in the Hugging Face cache, and HF_HUB_OFFLINE=1 "
-            f"keeps the Hub out of reach. {how_to_get(name_or_path, field)}"
+            f"keeps the Hub out of reach. {how_to_get(name_or_path, give or f'with `{field} /path/to/local/copy`')}"
         )
     try:
         get_hf_file_metadata(hf_hub_url(name_or_path, "config.json", revision=revision), timeout=HUB_TIMEOUT)
@@ -76,5 +79,5 @@ def check_model_source(name_or_path: str | None, revision: str | None = None, fi
         raise OSError(
             f"Model {name_or_path!r} is not a local directory and not in the Hugging Face cache, and the Hub "
             f"({constants.ENDPOINT}) cannot be reached ({type(error).__name__}: {error}). "
-            f"{how_to_get(name_or_path, field)}"
+            f"{how_to_get(name_or_path, give or f'with `{field} /path/to/local/copy`')}"
         ) from error

@@ -1,11 +1,12 @@
 """The `trl-qaloss` command: `train` (`training.py`), `generate` and `evaluate` (`inference.py`), `prepare`
-(`prepare.py`).
+(`prepare.py`), `merge` (`merge.py`).
 
     trl-qaloss train                                   # the offline CPU demo (the embedded recipes/demo-cpu.yaml)
     trl-qaloss train --config recipes/<name>.yaml [--any_field value ...]
     trl-qaloss generate --adapter DIR --prompt TEXT
     trl-qaloss evaluate --adapter DIR --dataset_name DATA
     trl-qaloss prepare --dataset_name DATA --answer_order canonical --tokenizer MODEL --output prepared.jsonl
+    trl-qaloss merge --adapter DIR --output DIR
 
 Each command imports what it needs when it runs, so that `trl-qaloss --help` answers at once.
 """
@@ -24,11 +25,12 @@ USAGE = """usage: trl-qaloss <command> [options]
   generate   complete prompts with a trained adapter (or model) and write the parsed questions and answers
   evaluate   answer-set metrics (set-F1, ...) of a trained adapter (or model) on a dataset
   prepare    write a dataset with each item's answers in a training order (canonical, appearance), for any trainer
+  merge      merge a trained adapter into its base and save one model directory to serve (transformers, vLLM, TGI)
 
 `trl-qaloss <command> --help` lists the options of each; `--debug` shows the traceback of an error;
 `trl-qaloss --version` names the installed release and those of the libraries underneath."""
 
-COMMANDS = ("train", "generate", "evaluate", "prepare")
+COMMANDS = ("train", "generate", "evaluate", "prepare", "merge")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     if not argv or argv[0] not in COMMANDS:
         what = f"Unknown command {argv[0]!r}.{did_you_mean(argv[0], COMMANDS)}" if argv else "No command given."
-        report(UsageError(f"{what} The commands are {', '.join(COMMANDS)}; `trl-qaloss --help` says more."))
+        commands = f"{', '.join(COMMANDS[:-1])} and {COMMANDS[-1]}"
+        report(UsageError(f"{what} The commands are {commands}; `trl-qaloss --help` says more."))
     command, (args, debug) = argv[0], pop_debug_flag(argv[1:])
     show_messages()
     try:
@@ -53,6 +56,10 @@ def main(argv: list[str] | None = None) -> None:
             from .prepare import run_prepare
 
             run_prepare(args)
+        elif command == "merge":
+            from .merge import run_merge
+
+            run_merge(args)
         else:
             from .inference import run_evaluate, run_generate
 

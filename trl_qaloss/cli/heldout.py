@@ -48,6 +48,10 @@ def write_heldout_record(output_dir: str, heldout: HeldOut, settings: dict, pair
 def read_heldout_record(directory: str) -> dict:
     """The record `write_heldout_record` left in `directory`, with `dataset_name` the rows file's path when the run
     made the rows; a FileNotFoundError saying what to give instead when there is none."""
+    from ..model_source import missing_path_message
+
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(missing_path_message(directory, "Directory", "--adapter or --model_name_or_path"))
     path = os.path.join(directory, HELDOUT_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(

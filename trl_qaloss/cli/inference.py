@@ -24,10 +24,13 @@ from ..model_source import check_model_source, missing_path_message
 from .heldout import read_heldout_record, rows_hash
 
 BASE_INFO_FILE = "trl_qaloss_base.json"
+# The loss settings `BASE_INFO_FILE` records besides the base: what the model was trained to do.
+TRAINING_FIELDS = ("answer_order", "lambda_ce", "lambda_set")
 
 
 def write_base_model_info(output_dir: str, model_args, training_args) -> None:
-    """Record in `output_dir` how the trained model's base was loaded, for `load_for_inference`."""
+    """Record in `output_dir` how the trained model's base was loaded (for `load_for_inference`) and the loss it was
+    trained with: `answer_order`, `lambda_ce` and `lambda_set` (for the model card `trl-qaloss merge` writes)."""
     from trl import get_quantization_config
 
     quantization = get_quantization_config(model_args)
@@ -36,6 +39,7 @@ def write_base_model_info(output_dir: str, model_args, training_args) -> None:
         "quantization_config": None if quantization is None else json.loads(quantization.to_json_string()),
         "dtype": model_args.dtype,
         **{name: getattr(training_args, name) for name in SEPARATOR_FIELDS},
+        **{name: getattr(training_args, name) for name in TRAINING_FIELDS},
     }
     with open(os.path.join(output_dir, BASE_INFO_FILE), "w") as file:
         json.dump(info, file, indent=2)
@@ -61,33 +65,66 @@ def _read_json(path: str) -> dict:
         return json.load(file)
 
 
+def adapter_base(adapter: str) -> tuple[dict, str | None]:
+    """`(info, base)` of a LoRA adapter directory: what `trl-qaloss train` recorded in its `trl_qaloss_base.json`
+    (`{}` when it has none), and the base model's name or path, from that file or else from the adapter config.
+
+    A missing directory is a FileNotFoundError naming it; a directory without `adapter_config.json` one saying what
+    it is not (and, when it holds a full model, how to use it)."""
+    if not os.path.isdir(adapter):
+        raise FileNotFoundError(missing_path_message(adapter, "Adapter directory", "--adapter"))
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        hint = (
+            " It holds a full model: pass it as `--model_name_or_path` instead."
+            if os.path.isfile(os.path.join(adapter, "config.json"))
+            else " Give the `output_dir` of a `trl-qaloss train` run with `use_peft: true`, or a full model with "
+            "`--model_name_or_path`."
+        )
+        raise FileNotFoundError(f"{adapter!r} is not a LoRA adapter directory (no adapter_config.json).{hint}")
+    info_path = os.path.join(adapter, BASE_INFO_FILE)
+    info = _read_json(info_path) if os.path.isfile(info_path) else {}
+    base = info.get("base_model_name_or_path")
+    return info, base or _read_json(os.path.join(adapter, "adapter_config.json")).get("base_model_name_or_path")
+
+
+def load_tokenizer(base: str, adapter: str | None = None):
+    """The tokenizer saved with `adapter` when there is one (it holds any separator tokens training added), else the
+    base's."""
+    from transformers import AutoTokenizer
+
+    saved = adapter is not None and os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
+    return AutoTokenizer.from_pretrained(adapter if saved else base)
+
+
+def fit_embeddings(model, tokenizer) -> None:
+    """Resize `model`'s embeddings to `tokenizer` when it has more tokens (separators added in training), so that an
+    adapter's trained rows and saved embedding layers load onto them."""
+    if len(tokenizer) > model.get_input_embeddings().weight.size(0):
+        model.resize_token_embeddings(len(tokenizer))
+
+
 def load_for_inference(adapter: str | None = None, model_name_or_path: str | None = None) -> LoadedModel:
     """Load a trained LoRA adapter on its base model (quantized as in training), or a full model.
 
     The base is the one `trl-qaloss train` recorded in `trl_qaloss_base.json`, else the adapter config's
     `base_model_name_or_path`; `model_name_or_path` with `adapter` replaces it. The tokenizer saved with the adapter
     is used when there is one (it holds any separator tokens training added), and the embeddings are resized to it.
+    A full model's separators are read from the `trl_qaloss_base.json` in its directory when it has one (a full
+    fine-tune's or a `trl-qaloss merge` output).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if adapter is None and model_name_or_path is None:
         raise ValueError("Give `--adapter DIR` (a trained LoRA adapter) or `--model_name_or_path` (a full model).")
-    info = {}
     if adapter is not None:
-        if not os.path.exists(adapter):
-            raise FileNotFoundError(missing_path_message(adapter, "Adapter directory", "--adapter"))
-        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-            raise FileNotFoundError(
-                f"{adapter!r} is not a LoRA adapter directory (no adapter_config.json). Give the `output_dir` of a "
-                "`trl-qaloss train` run with `use_peft: true`, or a full model with `--model_name_or_path`."
-            )
-        info_path = os.path.join(adapter, BASE_INFO_FILE)
-        info = _read_json(info_path) if os.path.isfile(info_path) else {}
-        base = model_name_or_path or info.get("base_model_name_or_path")
-        base = base or _read_json(os.path.join(adapter, "adapter_config.json")).get("base_model_name_or_path")
+        info, base = adapter_base(adapter)
+        base = model_name_or_path or base
     else:
         base = model_name_or_path
+        info_path = os.path.join(resolve_demo_path(base), BASE_INFO_FILE)
+        info = _read_json(info_path) if os.path.isfile(info_path) else {}
+        info = {name: info[name] for name in SEPARATOR_FIELDS if name in info}  # the model is loaded as saved
     base = resolve_demo_path(base)
     check_model_source(base)  # with `--adapter`, `--model_name_or_path` gives its base another way
     cuda = torch.cuda.is_available()
@@ -97,10 +134,8 @@ def load_for_inference(adapter: str | None = None, model_name_or_path: str | Non
         if cuda:
             kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    has_tokenizer = adapter is not None and os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else base)
-    if len(tokenizer) > model.get_input_embeddings().weight.size(0):
-        model.resize_token_embeddings(len(tokenizer))
+    tokenizer = load_tokenizer(base, adapter)
+    fit_embeddings(model, tokenizer)
     if adapter is not None:
         from peft import PeftModel
 
@@ -345,6 +380,8 @@ def run_evaluate(argv: list[str]) -> None:
     args = _parse(parser, argv)
     with user_errors():
         # The run's record is read first: without one, the command stops before any model loads.
+        if args.adapter is not None:
+            adapter_base(args.adapter)  # a directory that is not an adapter is named first
         record = {} if args.dataset_name else read_heldout_record(args.adapter or args.model_name_or_path)
         loaded = load_for_inference(args.adapter, args.model_name_or_path)
         set_chat_template(loaded.tokenizer, args.chat_template_path)

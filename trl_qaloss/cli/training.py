@@ -505,7 +505,7 @@ SUMMARY_EXAMPLES = 3
 def run_summary(trainer, training_args, model_args, heldout_recorded: bool) -> str:
     """What `train` prints at the end: the last answer-set evaluation (a table and a few held-out examples, generated
     and reference answer sets side by side), where the model is, and the `generate` and `evaluate` commands to run
-    next with the evaluation's own settings."""
+    next with the evaluation's own settings (and, for an adapter, the `merge` command)."""
     from ..callbacks import QASetEvalCallback
 
     output_dir = training_args.output_dir
@@ -530,6 +530,8 @@ def run_summary(trainer, training_args, model_args, heldout_recorded: bool) -> s
     lines += ["Next:", f"  trl-qaloss generate {option} --prompt {shlex.quote(prompt)}{max_new_tokens}"]
     if heldout_recorded:
         lines.append(f"  trl-qaloss evaluate {option}")
+    if model_args.use_peft:  # one model directory to serve
+        lines.append(f"  trl-qaloss merge {option} --output {shlex.quote(output_dir.rstrip('/') + '-merged')}")
     return "\n".join(lines)
 
 
