@@ -217,7 +217,11 @@ def test_the_summary_shows_the_last_evaluation(demo_run):
     assert "exact_set_match     0.999" in text and "0.111" not in text
     assert "    who rules  Julie Sussman  Julie ... (cut by max_length)" in text.splitlines()  # the reference was cut
     assert "    which rivers  a          a" in text.splitlines()
-    assert text.splitlines()[-1] == f"  trl-qaloss evaluate --adapter {out}"  # the run's own rows, recorded
+    # the run's own rows, recorded; then one model directory to serve
+    assert text.splitlines()[-2:] == [
+        f"  trl-qaloss evaluate --adapter {out}",
+        f"  trl-qaloss merge --adapter {out} --output {out}-merged",
+    ]
 
 
 def test_saved_adapter_reloads_onto_the_4bit_base_with_the_same_logits(demo_run):

@@ -69,7 +69,7 @@ def test_every_command_prints_only_its_own_lines_and_progress(run):
     trained = terminal_lines(results["train"].stdout)
     end = trained.index("Training completed.")
     assert end > 0 and all(TRAINER_LOG.match(line) for line in trained[:end]), trained[:end]
-    assert trained[end + 1].startswith("Answer sets of 4 held-out rows") and trained[-3] == "Next:", trained[end:]
+    assert trained[end + 1].startswith("Answer sets of 4 held-out rows") and "Next:" in trained[end:], trained[end:]
     assert all(json.loads(line)["qas"] is not None for line in terminal_lines(results["generate"].stdout))
     table = terminal_lines(results["evaluate"].stdout)
     assert table[0].split() == ["metric", "value"] and table[-1].startswith("Metrics of 4 rows of the run's held-out")
@@ -87,7 +87,7 @@ def test_the_printed_evaluate_reproduces_the_end_of_training_numbers(run):
     """The run split 4 of the 40 rows off itself; `evaluate --adapter out`, as printed, scores exactly those, with the
     run's settings, and gets every metric the end of training logged."""
     directory, results = run
-    assert results["train"].stdout.splitlines()[-1] == "  trl-qaloss evaluate --adapter out"
+    assert "  trl-qaloss evaluate --adapter out" in results["train"].stdout.splitlines()
     record = json.loads((directory / "out" / HELDOUT_FILE).read_text())
     assert record["rows_file"] == ROWS_FILE and record["num_rows"] == 4 and record["max_new_tokens"] == 64
     held_out = [json.loads(line) for line in (directory / "out" / ROWS_FILE).read_text().splitlines()]
