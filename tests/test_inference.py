@@ -58,7 +58,7 @@ def test_generate_writes_one_line_per_prompt(demo_adapter, tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Generating" in result.stderr and "Wrote 3 completions to" in result.stderr  # the progress bar, the file
+    assert "Generating" in result.stderr and "trl-qaloss: wrote 3 completions to" in result.stderr  # the bar, the file
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [line["prompt"] for line in lines] == [
         "Tell me about valdor.",

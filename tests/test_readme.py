@@ -234,6 +234,7 @@ def test_the_merged_demo_model_reproduces_its_adapters_answer_sets(readme_run):
     adapter = json.loads((repo / "outputs" / "demo-cpu" / "eval_results.json").read_text())
     evaluated = json.loads((merged / "eval_results.json").read_text())
     assert evaluated["num_rows"] == adapter["num_rows"] == 80
+    assert evaluated["split"] == "test"  # `evaluate` without a dataset: the run's record, carried over by the merge
     assert evaluated["metrics"]["exact_set_match"] == pytest.approx(adapter["metrics"]["exact_set_match"], abs=0.011)
 
 

@@ -27,7 +27,13 @@ def _drop_cpu_accelerator_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Setting accelerator to CPU. If you have GPU or other accelerator")
 
 
+def _drop_dequantize_notice(record: logging.LogRecord) -> bool:
+    # transformers, when `trl-qaloss merge` dequantizes a 4-bit base: the dtype it names is the one `--dtype` chose.
+    return not record.getMessage().startswith("The modules are dequantized in ")
+
+
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_cpu_kernel_hint)
+logging.getLogger("transformers.integrations.bitsandbytes").addFilter(_drop_dequantize_notice)
 logging.getLogger("kernels._internals.hf_hub").addFilter(_drop_offline_trust_check)
 logging.getLogger("DeepSpeed").addFilter(_drop_cpu_accelerator_notice)
 # PEFT reads `model.is_gradient_checkpointing`, which transformers now calls deprecated.

@@ -25,6 +25,7 @@ import uuid
 from ..demo import resolve_demo_path
 from ..engine.options import SEPARATOR_FIELDS
 from ..errors import ArgumentParser
+from .heldout import HELDOUT_FILE, ROWS_FILE
 from .inference import BASE_INFO_FILE, LoadedModel
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -226,6 +227,9 @@ def merge(
             json.dump(merged_info, file, indent=2)
         with open(os.path.join(directory, CARD_FILE), "w") as file:
             file.write(model_card(info, base, adapter, saved_dtype, base_weights))
+        for name in (HELDOUT_FILE, ROWS_FILE):  # so that `evaluate` scores the run's own held-out rows here too
+            if os.path.isfile(os.path.join(adapter, name)):
+                shutil.copyfile(os.path.join(adapter, name), os.path.join(directory, name))
 
     write_directory(output, write)
     return saved_dtype
