@@ -64,11 +64,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# isort: off
+# trl_qaloss before the libraries: importing it filters their messages a user cannot act on (bitsandbytes' note about
+# a CPU kernel on the Hub is printed as it is imported, which transformers' quantization code does).
+from trl_qaloss import QALossConfig, QALossSFTTrainer
+
+# isort: on
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 
-from trl_qaloss import QALossConfig, QALossSFTTrainer
 from trl_qaloss.data import load_qa_dataset
 from trl_qaloss.demo import DATA_DIR, HARD_DATA_DIR, LONG_DATA_DIR, LONG_MODEL_DIR, MODEL_DIR, resolve_demo_path
 

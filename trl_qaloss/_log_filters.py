@@ -32,7 +32,13 @@ def _drop_dequantize_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("The modules are dequantized in ")
 
 
+def _drop_checkpoint_mtime_notice(record: logging.LogRecord) -> bool:
+    # transformers, when it sorts checkpoints to rotate (`save_total_limit`) and two have the same modification time.
+    return not record.getMessage().startswith("mtime may not be reliable on this filesystem")
+
+
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_cpu_kernel_hint)
+logging.getLogger("transformers.trainer_utils").addFilter(_drop_checkpoint_mtime_notice)
 logging.getLogger("transformers.integrations.bitsandbytes").addFilter(_drop_dequantize_notice)
 logging.getLogger("kernels._internals.hf_hub").addFilter(_drop_offline_trust_check)
 logging.getLogger("DeepSpeed").addFilter(_drop_cpu_accelerator_notice)
