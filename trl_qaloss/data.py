@@ -306,14 +306,16 @@ def load_dataset_rows(name_or_path: str, config: str | None = None, streaming: b
             raise ValueError(f"Local dataset files must be .json or .jsonl, got {name_or_path!r}.")
         split_files["train"] = os.path.realpath(name_or_path)
         lines[split_files["train"]] = check_json_file(name_or_path)
-        dataset = load_dataset("json", data_files={"train": name_or_path}, streaming=streaming)
+        dataset = load_json_files({"train": name_or_path}, streaming)
     elif os.path.isdir(name_or_path):
         for file in sorted(os.listdir(name_or_path)):
             if file.endswith((".json", ".jsonl")):
                 path = os.path.join(name_or_path, file)
                 lines[os.path.realpath(path)] = check_json_file(path)
         split_files = directory_split_files(name_or_path)
-        dataset = load_dataset(name_or_path, name=config, streaming=streaming)
+        dataset = load_json_files(
+            split_files, streaming, lambda: load_dataset(name_or_path, name=config, streaming=streaming)
+        )
     elif name_or_path.endswith((".json", ".jsonl")) or name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"Dataset file not found: {name_or_path!r} (from `dataset_name`).")
     else:
@@ -330,6 +332,30 @@ def load_dataset_rows(name_or_path: str, config: str | None = None, streaming: b
         else:
             sources[split] = {"source": f"{name_or_path} [{split}]", "line_numbers": None}
     return dataset, sources
+
+
+def load_json_files(split_files: dict[str, str], streaming: bool, load=None):
+    """`datasets.load_dataset` of local JSON files (`load`, by default the "json" builder on `split_files`), or, when
+    it cannot infer one schema for rows whose fields differ (datasets 4.x stops with a KeyError when a row lacks a
+    field that others have), the same `.jsonl` rows read here, each missing field None, so that the row checks name
+    the row and the field instead."""
+    from datasets import Dataset, DatasetDict, load_dataset
+
+    try:
+        if load is not None:
+            return load()
+        return load_dataset("json", data_files=split_files, streaming=streaming)
+    except Exception:  # noqa: BLE001  (datasets' and pyarrow's schema errors have no common type)
+        if streaming or not split_files or not all(f.endswith(".jsonl") for f in split_files.values()):
+            raise
+        splits = {}
+        for split, path in split_files.items():
+            rows = [row for _, row in read_jsonl(path)]
+            if not all(isinstance(row, dict) for row in rows):
+                raise
+            fields = list(dict.fromkeys(key for row in rows for key in row))
+            splits[split] = Dataset.from_dict({key: [row.get(key) for row in rows] for key in fields})
+        return DatasetDict(splits)
 
 
 def directory_split_files(directory: str) -> dict[str, str]:
