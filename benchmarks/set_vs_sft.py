@@ -602,6 +602,10 @@ def main(argv: list[str] | None = None) -> None:
                 saved.write(json.dumps(result) + "\n")
                 saved.flush()
                 ran_now += 1
+            # Workers that exit on their own release what they hold; the `with` block alone would terminate them, and
+            # the semaphores they made would be reported leaked at shutdown.
+            pool.close()
+            pool.join()
     wall = time.perf_counter() - start
     add_step_time_ratios(results)
     args.out.with_suffix(".json").write_text(
