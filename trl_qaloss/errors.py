@@ -47,10 +47,16 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message}. `{self.prog} --help` lists the options.")
 
 
+def closest(name: str, known: Iterable[str]) -> str | None:
+    """The known name closest to `name` (a typo of it), or None when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def did_you_mean(name: str, known: Iterable[str]) -> str:
     """`" Did you mean `lambda_set`?"` for the known name closest to `name`, or `""` when none is close."""
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f" Did you mean `{close[0]}`?" if close else ""
+    close = closest(name, known)
+    return f" Did you mean `{close}`?" if close else ""
 
 
 def yaml_error_message(path: str, error: yaml.YAMLError) -> str:

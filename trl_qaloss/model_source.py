@@ -7,8 +7,9 @@ naming the model and the two ways on: a local copy, or a download on a machine t
 
 from __future__ import annotations
 
-import difflib
 import os
+
+from .errors import closest
 
 # Seconds to wait for the Hub's answer about a model's config.json: a reachable Hub answers in well under a second.
 HUB_TIMEOUT = 3.0
@@ -19,8 +20,8 @@ def missing_path_message(path: str, what: str, field: str) -> str:
     message for a directory or file that does not exist, with the closest entry of its parent directory."""
     parent, name = os.path.split(os.path.normpath(os.path.expanduser(path)))
     entries = os.listdir(parent or ".") if os.path.isdir(parent or ".") else []
-    close = difflib.get_close_matches(name, entries, n=1, cutoff=0.6)
-    hint = f" Did you mean {os.path.join(os.path.dirname(path), close[0])!r}?" if close else ""
+    close = closest(name, entries)
+    hint = f" Did you mean {os.path.join(os.path.dirname(path), close)!r}?" if close else ""
     return f"{what} not found: {path!r} (from `{field}`).{hint}"
 
 
