@@ -1,6 +1,6 @@
 """Which training target gives the best answer sets? Plain SFT against the set loss and the answer orders, on the demo.
 
-    python benchmarks/set_vs_sft.py            # the full run: 10 methods x 3 tasks x 3 seeds x 2 budgets
+    python benchmarks/set_vs_sft.py            # the full run: 10 methods x 4 tasks x 3 seeds x 2 budgets
     python benchmarks/set_vs_sft.py --quick    # a few minutes: every method and task, 1 seed, a few steps
     python benchmarks/set_vs_sft.py --model Qwen/Qwen2.5-0.5B-Instruct --data my_qa_dir --lora --learning_rate 2e-4
                                                # your model and data: one task, LoRA instead of full fine-tuning
@@ -25,18 +25,21 @@ Methods (the same model, data, seeds, optimizer, hyperparameters and steps for a
 
 (`lambda_ce=1` for all; `lambda_set=0` trains with `SFTTrainer`'s own loss, on targets reordered by `answer_order`.)
 
-Tasks: the demo's three tasks (`trl_qaloss/demo/data`, 1-4 one-name answers per question;
-`trl_qaloss/demo/data_hard`, 5-8 multi-token answers sharing first tokens; `trl_qaloss/demo/data_long`, 12-30 of
-them), each 400 training and 80 held-out rows whose prompts name the questions to answer, in order; every answer
-list is in random order. Or one task of your own: `--model` (a hub name or a directory) and `--data` (any dataset
-`trl-qaloss train` reads: structured rows, prompt/completion or chat; its `test` split is held out, or 10% of its
-rows, at most 200, drawn with seed 0 when it has none), with `--lora` for LoRA on every linear layer instead of full
-fine-tuning. Budgets: `full` steps, and `low` (a quarter of the steps, its own cosine schedule) where learning speed
-shows.
+Tasks: the demo's four tasks, each 400 training and 80 held-out rows whose prompts name the questions to answer, in
+order; every answer list is in random order. Three ask for facts the base learned in pretraining, none of them in
+the prompt (`trl_qaloss/demo/data`, 1-4 one-name answers per question; `trl_qaloss/demo/data_hard`, 5-8 multi-token
+answers sharing first tokens; `trl_qaloss/demo/data_long`, 12-30 of them); `trl_qaloss/demo/data_grounded` asks
+which names of a kind a passage in the prompt mentions (4-12 answers), and one question in five for a country's
+names, some in the passage and some not. Or one task of your own: `--model` (a hub name or a directory) and `--data`
+(any dataset `trl-qaloss train` reads: structured rows, prompt/completion or chat; its `test` split is held out, or
+10% of its rows, at most 200, drawn with seed 0 when it has none), with `--lora` for LoRA on every linear layer
+instead of full fine-tuning. Budgets: `full` steps, and `low` (a quarter of the steps, its own cosine schedule)
+where learning speed shows.
 
 The hyperparameters were chosen once, for plain SFT, and are used unchanged for every method (`--max_steps` etc.
 change them for all). Each run fully fine-tunes the task's pretrained model (the demo's tiny Llama,
-`trl_qaloss/demo/model`, or for the long task its 512-token twin `trl_qaloss/demo/model_long`) and, at evaluations
+`trl_qaloss/demo/model`; for the long task its 512-token twin `trl_qaloss/demo/model_long`; for the grounded task
+`trl_qaloss/demo/model_grounded`, pretrained to copy from its prompt) and, at evaluations
 spread over training, measures on the held-out rows, with the same code for every method:
 
 - answer-set metrics of greedy completions of all 80 prompts (`QASetEvalCallback`, `answer_set_scores`, questions
@@ -75,7 +78,16 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 
 from trl_qaloss.data import load_qa_dataset
-from trl_qaloss.demo import DATA_DIR, HARD_DATA_DIR, LONG_DATA_DIR, LONG_MODEL_DIR, MODEL_DIR, resolve_demo_path
+from trl_qaloss.demo import (
+    DATA_DIR,
+    GROUNDED_DATA_DIR,
+    GROUNDED_MODEL_DIR,
+    HARD_DATA_DIR,
+    LONG_DATA_DIR,
+    LONG_MODEL_DIR,
+    MODEL_DIR,
+    resolve_demo_path,
+)
 
 METHODS = {  # name: (answer_order, lambda_set)
     "plain SFT": ("data", 0.0),
@@ -105,6 +117,7 @@ TASKS = {
     "countries": Task(str(DATA_DIR), str(MODEL_DIR), 128, 96),
     "hard": Task(str(HARD_DATA_DIR), str(MODEL_DIR), 192, 176, cost=2.0),
     "long": Task(str(LONG_DATA_DIR), str(LONG_MODEL_DIR), 384, 352, cost=4.0),
+    "grounded": Task(str(GROUNDED_DATA_DIR), str(GROUNDED_MODEL_DIR), 320, 160, cost=2.0),
 }
 BUDGETS = {"full": 1.0, "low": 0.25}
 METRICS = [  # (key in a run's final numbers, label, format, plotted)
@@ -372,7 +385,12 @@ def write_report(
 ) -> None:
     steps = {budget: budget_steps(args.max_steps, budget) for budget in BUDGETS}
     training = f"LoRA (r={args.lora_r}, every linear layer)" if args.lora else "Full fine-tuning"
-    model = f"`{args.model}`" if args.model else "the demo's tiny Llama (for the long task its 512-token twin)"
+    model = (
+        f"`{args.model}`"
+        if args.model
+        else "each task's tiny pretrained Llama (`trl_qaloss/demo/model`; `model_long` for the long task, "
+        "`model_grounded` for the grounded task)"
+    )
     lines = [
         f"Held-out rows ({args.eval_rows} per task), greedy decoding, questions paired by position; mean ± standard "
         f"deviation over seeds {', '.join(map(str, args.seeds))}, and in parentheses the paired difference to plain "

@@ -176,7 +176,7 @@ def run_set_vs_sft(tmp_path, *flags: str) -> subprocess.CompletedProcess:
 
 @slow
 def test_set_vs_sft_benchmark_runs_every_task_and_budget_at_tiny_sizes(tmp_path):
-    """`benchmarks/set_vs_sft.py` end to end at 4 steps: the three tasks, both budgets, its table, plot and JSON."""
+    """`benchmarks/set_vs_sft.py` end to end at 4 steps: the four tasks, both budgets, its table, plot and JSON."""
     methods = ["plain SFT", "canonical + set loss 0.1"]
     result = run_set_vs_sft(
         tmp_path, "--quick", "--max_steps", "4", "--eval_rows", "4", "--methods", *methods, "--workers", "1"
@@ -186,19 +186,21 @@ def test_set_vs_sft_benchmark_runs_every_task_and_budget_at_tiny_sizes(tmp_path)
     for heading in ("countries, full budget (4 steps)", "countries, low budget (1 steps)", "hard, full budget"):
         assert heading in table
     assert "long, full budget (4 steps)" in table and "long, low budget (1 steps)" in table
-    assert "Full fine-tuning of the demo's tiny Llama" in table
-    assert table.count("| plain SFT |") == 6 and table.count("| canonical + set loss 0.1 |") == 6
+    assert "grounded, full budget (4 steps)" in table and "grounded, low budget (1 steps)" in table
+    assert "Full fine-tuning of each task's tiny pretrained Llama" in table
+    assert table.count("| plain SFT |") == 8 and table.count("| canonical + set loss 0.1 |") == 8
     assert (tmp_path / "bench.png").stat().st_size > 0
     runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
-    assert len(runs) == 12  # 3 tasks x 2 budgets x 1 seed x 2 methods
-    assert "for the 12 runs made by this invocation on 1 workers. Training and evaluations of all 12 runs" in table
+    assert len(runs) == 16  # 4 tasks x 2 budgets x 1 seed x 2 methods
+    assert "for the 16 runs made by this invocation on 1 workers. Training and evaluations of all 16 runs" in table
     for run in runs:
         assert 0 <= run["final"]["eval_exact_set_match"] <= 1 and run["final"]["heldout_ce"] > 0
         assert run["job"]["max_steps"] == (4 if run["job"]["budget"] == "full" else 1)
         assert run["parameters"]["trained"] == run["parameters"]["all"]  # full fine-tuning
-    # The long task trains the long base (its own 1024-token vocabulary), the others the demo's base.
+    # The long and the grounded task train bases of their own (own tokenizers; the grounded one 4 layers deep), the
+    # others the demo's base.
     sizes = {run["job"]["task"]: run["parameters"]["all"] for run in runs}
-    assert sizes["countries"] == sizes["hard"] != sizes["long"]
+    assert sizes["countries"] == sizes["hard"] != sizes["long"] != sizes["grounded"]
 
 
 @slow

@@ -12,7 +12,16 @@ from transformers import AutoTokenizer
 from tests.testing_utils import ROOT
 from trl_qaloss import QASeparators
 from trl_qaloss.data import format_qas, format_qas_dataset, load_qa_dataset, qa_completion
-from trl_qaloss.demo import DATA_DIR, HARD_DATA_DIR, LONG_DATA_DIR, LONG_MODEL_DIR, MODEL_DIR, make_demo
+from trl_qaloss.demo import (
+    DATA_DIR,
+    GROUNDED_DATA_DIR,
+    GROUNDED_MODEL_DIR,
+    HARD_DATA_DIR,
+    LONG_DATA_DIR,
+    LONG_MODEL_DIR,
+    MODEL_DIR,
+    make_demo,
+)
 from trl_qaloss.engine.parsing import parse_row
 
 
@@ -34,22 +43,23 @@ def read_back(completion: str, tokenizer) -> list[list[str]]:
     return [[tokenizer.decode([tok for _, tok in answer]).strip() for answer in item] for item in items]
 
 
-TASKS = {  # directory: (path, questions, base model, topics per prompt)
+TASKS = {  # directory of a task asking for facts: (path, questions, base model, topics per prompt)
     "data": (DATA_DIR, make_demo.QUESTIONS, MODEL_DIR, (2, 3)),
     "data_hard": (HARD_DATA_DIR, make_demo.HARD_QUESTIONS, MODEL_DIR, (2, 3)),
     "data_long": (LONG_DATA_DIR, make_demo.LONG_QUESTIONS, LONG_MODEL_DIR, (1, 2)),
 }
+ALL_TASKS = {**TASKS, "data_grounded": (GROUNDED_DATA_DIR, None, GROUNDED_MODEL_DIR, (1, 2))}
 
 
 def demo_rows(split: str, task: str = "data") -> list[dict]:
-    with open(TASKS[task][0] / f"{split}.jsonl") as f:
+    with open(ALL_TASKS[task][0] / f"{split}.jsonl") as f:
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.parametrize("task", list(ALL_TASKS))
 @pytest.mark.parametrize("split", ["train", "eval"])
 def test_demo_rows_round_trip_through_the_parser(split, task):
-    tokenizer = AutoTokenizer.from_pretrained(TASKS[task][2])
+    tokenizer = AutoTokenizer.from_pretrained(ALL_TASKS[task][2])
     for i, row in enumerate(demo_rows(split, task)):
         out = format_qas(row, i)
         assert out["prompt"] == row["context"]
@@ -118,9 +128,14 @@ def test_long_demo_task_has_long_multi_token_answer_lists_sharing_first_tokens(l
         assert len(set(first)) <= len(first) // 2, qa
 
 
-def test_long_demo_rows_fit_the_benchmark_and_the_base_context(long_tokenizer):
-    """Nothing is truncated: every row fits the long task's `max_length` in `benchmarks/set_vs_sft.py`, every held-out
-    completion its `max_new_tokens`, and both the base model's 512-token context."""
+@pytest.mark.parametrize(
+    "name, data_dir, model_dir",
+    [("long", LONG_DATA_DIR, LONG_MODEL_DIR), ("grounded", GROUNDED_DATA_DIR, GROUNDED_MODEL_DIR)],
+)
+def test_demo_rows_fit_the_benchmark_and_the_base_context(name, data_dir, model_dir):
+    """Nothing is truncated: every row of the long and the grounded task fits its `max_length` in
+    `benchmarks/set_vs_sft.py`, every held-out completion its `max_new_tokens`, and both the base model's 512-token
+    context."""
     import importlib.util
 
     from transformers import AutoConfig
@@ -129,14 +144,15 @@ def test_long_demo_rows_fit_the_benchmark_and_the_base_context(long_tokenizer):
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # its dataclasses look their module up
     spec.loader.exec_module(bench)
-    task = bench.TASKS["long"]
-    assert Path(task.data) == LONG_DATA_DIR and Path(task.model) == LONG_MODEL_DIR
-    context = AutoConfig.from_pretrained(LONG_MODEL_DIR).max_position_embeddings
+    task = bench.TASKS[name]
+    assert Path(task.data) == data_dir and Path(task.model) == model_dir
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    context = AutoConfig.from_pretrained(model_dir).max_position_embeddings
     assert context == 512 and task.max_length + 1 <= context  # + the first generated token's position
     train, held_out = bench.split_data(task)
     for split, rows in (("train", train), ("eval", held_out)):
         for row in rows:
-            prompt, completion = bench.prompt_completion_ids(long_tokenizer, row)
+            prompt, completion = bench.prompt_completion_ids(tokenizer, row)
             assert len(prompt) + len(completion) <= task.max_length, split
             if split == "eval":
                 assert len(completion) <= task.max_new_tokens and len(prompt) + task.max_new_tokens <= context
@@ -151,6 +167,8 @@ def test_make_demo_regenerates_the_shipped_data():
         assert rows == demo_rows("train", directory) + demo_rows("eval", directory), directory
     _, rows = make_demo.make_long_task(make_demo.long_rng(0))
     assert rows == demo_rows("train", "data_long") + demo_rows("eval", "data_long")
+    _, rows = make_demo.make_grounded_task(make_demo.grounded_rng(0))
+    assert rows == demo_rows("train", "data_grounded") + demo_rows("eval", "data_grounded")
 
 
 def test_round_trip_with_multi_word_answers_and_an_empty_set(tokenizer):
@@ -248,7 +266,7 @@ def test_a_file_of_blank_lines_only_is_empty(tmp_path):
         load_qa_dataset(str(path))
 
 
-@pytest.mark.parametrize("directory", [DATA_DIR, HARD_DATA_DIR, LONG_DATA_DIR])
+@pytest.mark.parametrize("directory", [DATA_DIR, HARD_DATA_DIR, LONG_DATA_DIR, GROUNDED_DATA_DIR])
 def test_demo_directory_loads_both_splits(directory):
     dataset = load_qa_dataset(str(directory))
     assert dataset["train"].num_rows == 400 and dataset["test"].num_rows == 80
@@ -278,6 +296,7 @@ def test_every_demo_asset_is_package_data():
         p.relative_to(demo).as_posix() for p in demo.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
     ]
     assert {"model_long/model.safetensors", "data_long/train.jsonl", "data_hard/eval.jsonl"} <= set(assets)
+    assert {"model_grounded/model.safetensors", "data_grounded/train.jsonl", "data_grounded/eval.jsonl"} <= set(assets)
     missing = [a for a in assets if not any(fnmatch.fnmatch(a, pattern) for pattern in patterns)]
     assert not missing, f"add to [tool.setuptools.package-data] in pyproject.toml: {missing}"
 

@@ -13,6 +13,11 @@ Layout (made by `python -m trl_qaloss.demo.make_demo`, deterministic given its s
 - `data_long/train.jsonl`, `data_long/eval.jsonl`: long lists about a world of its own, 12-30 multi-token answers
   per question, 1-2 questions per prompt; `model_long/`: its base, the same tiny Llama with a 512-token context and
   its own tokenizer, pretrained on the long task's facts;
+- `data_grounded/train.jsonl`, `data_grounded/eval.jsonl`: answers read off the prompt, a passage of 15-30 names
+  followed by 1-2 questions of 4-12 answers (`which birds does the passage mention?`; one question in five asks for a
+  country's towns, peaks or lakes, some named in the passage and some known only to the base); `model_grounded/`:
+  its base, the same tiny Llama with a 512-token context, pretrained to answer such questions in plain text (copying
+  from the passage) and on the countries' facts;
 - `demo-cpu.yaml`: the default recipe, a copy of `recipes/demo-cpu.yaml`.
 
 Recipes name these files as `trl_qaloss/demo/...`; `resolve_demo_path` finds them inside the installed package.
@@ -29,6 +34,8 @@ DATA_DIR = DEMO_DIR / "data"
 HARD_DATA_DIR = DEMO_DIR / "data_hard"
 LONG_DATA_DIR = DEMO_DIR / "data_long"
 LONG_MODEL_DIR = DEMO_DIR / "model_long"
+GROUNDED_DATA_DIR = DEMO_DIR / "data_grounded"
+GROUNDED_MODEL_DIR = DEMO_DIR / "model_grounded"
 DEFAULT_RECIPE = DEMO_DIR / "demo-cpu.yaml"
 PREFIX = "trl_qaloss/demo/"
 

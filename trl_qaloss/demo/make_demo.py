@@ -1,4 +1,4 @@
-"""Make the demo's assets: a small closed world, two question/answer-set tasks, a tokenizer and a tiny pretrained Llama.
+"""Make the demo's assets: small closed worlds, four question/answer-set tasks, their tokenizers and tiny Llamas.
 
     python -m trl_qaloss.demo.make_demo [--seed 0] [--out trl_qaloss/demo]
 
@@ -15,9 +15,19 @@ so the order of the answers carries no information: exactly where the set loss d
   12-30 answers of several tokens each, many sharing their first tokens; each prompt names 1-2 topics, so a row
   holds up to 60 answers (at most 353 tokens with its tokenizer). With 20 answers a model trained on a fixed order
   must know which answer comes first before writing any: where the order of the training target could matter most.
+- `data_grounded/`: answers read off the prompt. Each prompt is a passage of 15-30 names of six kinds (`we saw new
+  abo, mount kiru and red kite. ...`) followed by its 1-2 questions, which the completion asks again and answers: most
+  of them `which birds does the passage mention?` (4-12 answers, all in the passage), one in five about a country of
+  the task's own world (`which towns are in valdor?`, 5-8 answers, some in the passage and the others known only from
+  pretraining). Its base (`model_grounded/`, 512-token context, own tokenizer, 8 attention heads) first learns to copy
+  on random tokens (a span repeated at a random distance: an induction head), then is pretrained on plain-text
+  passages followed by their questions, asked and then answered in random order (about three quarters of the texts),
+  on passages written twice and on the countries' facts: a base must be able to copy from its prompt before
+  fine-tuning can teach it which names to copy.
 
-Each task draws 480 distinct (country, ordered topics) combinations: the first 400 are `train.jsonl`, the last 80
-`eval.jsonl`, so every held-out row is a question combination not in the training rows, with its own answer order.
+Each of the first three tasks draws 480 distinct (country, ordered topics) combinations, the grounded task 480
+distinct passages: the first 400 are `train.jsonl`, the last 80 `eval.jsonl`, so every held-out row is a question
+combination (or a passage) not in the training rows, with its own answer order.
 
 The base model: LoRA on a randomly initialized model learns little, so the generator pretrains the tiny Llama
 (full fine-tuning, fp32; 10 min of CPU time, 22 min on 2 cores shared with other jobs) on the facts of the first two
@@ -25,9 +35,10 @@ tasks written as plain text (`which rivers flow through valdor? oru and pell.`),
 demo's QLoRA run then has to learn the structured format and give each answer set in it, as a real instruct
 fine-tune would. The long task has a base of its own (`model_long/`, the same architecture with a 512-token context
 and its own tokenizer), pretrained the same way on its facts (6 min on 2 cores); `--part long` makes only the long
-task and its base, `--part demo` only the others.
+task and its base, `--part grounded` only the grounded task and its base (its pretraining: about 35 min on one torch
+thread, cores shared with other jobs), `--part demo` only the first two tasks and their base.
 The held-out rows ask about the same countries: they measure how well the facts and the format were learned, not
-generalization to unseen countries.
+generalization to unseen countries (the grounded task's held-out passages are new, its countries the same).
 Everything is drawn from `--seed`; the weights are bitwise reproducible on the same torch build and thread count.
 """
 
@@ -258,6 +269,17 @@ def pretrain(
     `worlds`: `(facts, questions)` of each task; every paragraph is about one country of one task, drawn at random,
     with all its topics or `topics_per_text` of them.
     """
+
+    def fact_text() -> str:
+        facts, questions = rng.choice(worlds)
+        country = rng.choice(sorted(facts))
+        return fact_paragraph(facts, questions, country, rng, topics_per_text)
+
+    return pretrain_on(fact_text, tokenizer, seed, steps, batch_size, model_config)
+
+
+def fresh_model(tokenizer, seed: int, model_config: dict = MODEL_CONFIG):
+    """A randomly initialized tiny Llama (`model_config`) for `tokenizer`, its weights drawn from `seed`."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -269,19 +291,42 @@ def pretrain(
         bos_token_id=None,
         **model_config,
     )
-    model = AutoModelForCausalLM.from_config(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    return AutoModelForCausalLM.from_config(config)
+
+
+def pretrain_on(
+    next_text,
+    tokenizer,
+    seed: int,
+    steps: int,
+    batch_size: int = 32,
+    model_config: dict = MODEL_CONFIG,
+    model=None,
+    next_extra_batch=None,
+    warmup_steps: int = 0,
+    learning_rate: float = 3e-3,
+):
+    """Full fine-tuning of a tiny Llama (causal LM loss, AdamW at `learning_rate` with a cosine schedule) on `steps`
+    batches of `batch_size` texts, each drawn by calling `next_text()` and ended by EOS. `model`: go on from this one
+    instead of a fresh one. `next_extra_batch()`: `(input_ids, labels)` of a second batch whose loss is added at every
+    step. `warmup_steps`: a linear warm-up before the cosine, for a model that has learned something already."""
+    import torch
+
+    model = fresh_model(tokenizer, seed, model_config) if model is None else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    warmup = lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0  # noqa: E731
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup(s) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     model.train()
     for step in range(steps):
-        texts = []
-        for _ in range(batch_size):
-            facts, questions = rng.choice(worlds)
-            country = rng.choice(sorted(facts))
-            texts.append(fact_paragraph(facts, questions, country, rng, topics_per_text) + tokenizer.eos_token)
+        texts = [next_text() + tokenizer.eos_token for _ in range(batch_size)]
         batch = tokenizer(texts, padding=True, return_tensors="pt")
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
+        if next_extra_batch is not None:
+            extra_ids, extra_labels = next_extra_batch()
+            loss = loss + model(input_ids=extra_ids, labels=extra_labels).loss
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -291,6 +336,58 @@ def pretrain(
     return model
 
 
+def random_repeats(vocab_size: int, count: int, generator, rng: random.Random, first_id: int = 5):
+    """`(input_ids, labels)`, each `[count, T]`: rows of random tokens in which a random span of 8-32 tokens comes
+    again after a random gap, labelled only where it comes again (`-100` elsewhere, also on the right padding).
+
+    Predicting the repeat needs an induction head (find the earlier occurrence of the current token, copy what
+    followed it). Fixed lengths and gaps would let a model copy from a fixed distance instead, which does not carry
+    over to text. Ids below `first_id` (the special tokens) are never drawn."""
+    import torch
+
+    rows, labels = [], []
+    for _ in range(count):
+        before, span, gap = rng.randint(0, 30), rng.randint(8, 32), rng.randint(0, 20)
+        head, repeated, between = (
+            torch.randint(first_id, vocab_size, (n,), generator=generator) for n in (before, span, gap)
+        )
+        row = torch.cat([head, repeated, between, repeated])
+        label = row.clone()
+        label[: before + span + gap + 1] = -100  # the repeat's first token is a guess, the rest are copies
+        rows.append(row)
+        labels.append(label)
+    pad = lambda xs, value: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True, padding_value=value)  # noqa: E731
+    return pad(rows, 0), pad(labels, -100)
+
+
+def learn_to_copy(model, seed: int, max_steps: int, batch_size: int = 64, until_loss: float = 0.3):
+    """Train `model` on `random_repeats` until its loss on them is below `until_loss` (an induction head has formed:
+    the loss falls from ~log(vocab) to near 0 within a few dozen steps, after a plateau of a few hundred) or for
+    `max_steps`. AdamW at 3e-3 after 100 warm-up steps. Returns the steps taken."""
+    import torch
+
+    generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
+    model.train()
+    for step in range(max_steps):
+        ids, labels = random_repeats(model.config.vocab_size, batch_size, generator, rng)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 100 == 0:
+            print(f"copy step {step:4d}  loss {loss.item():.3f}")
+        if loss.item() < until_loss:
+            print(f"copy step {step:4d}  loss {loss.item():.3f}: copies")
+            return step + 1
+    raise RuntimeError(
+        f"the base did not learn to copy random tokens in {max_steps} steps (loss {loss.item():.3f}): pass a larger "
+        "max_steps or another seed"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
@@ -298,16 +395,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain_steps", type=int, default=400, help="of the demo's base (`model/`)")
     parser.add_argument("--long_pretrain_steps", type=int, default=LONG_PRETRAIN_STEPS, help="of `model_long/`")
     parser.add_argument(
+        "--grounded_pretrain_steps", type=int, default=GROUNDED_PRETRAIN_STEPS, help="of `model_grounded/`"
+    )
+    parser.add_argument(
         "--part",
-        choices=["all", "demo", "long"],
+        choices=["all", "demo", "long", "grounded"],
         default="all",
-        help="demo: `data/`, `data_hard/` and `model/`; long: `data_long/` and `model_long/`",
+        help="demo: `data/`, `data_hard/` and `model/`; long: `data_long/` and `model_long/`; grounded: "
+        "`data_grounded/` and `model_grounded/`",
     )
     args = parser.parse_args(argv)
     if args.part in ("all", "demo"):
         make_demo_part(args.seed, args.out, args.pretrain_steps)
     if args.part in ("all", "long"):
         make_long_part(args.seed, args.out, args.long_pretrain_steps)
+    if args.part in ("all", "grounded"):
+        make_grounded_part(args.seed, args.out, args.grounded_pretrain_steps)
 
 
 def make_demo_part(seed: int, out: Path, pretrain_steps: int) -> None:
@@ -378,6 +481,282 @@ def make_long_part(
     model.save_pretrained(out / "model_long")
     tokenizer.save_pretrained(out / "model_long")
     print(f"wrote {num_train} train and {num_eval} eval rows of the long task and its base to {out}")
+
+
+GROUNDED_COUNTRIES = 16
+GROUNDED_OWN = (5, 8)  # towns, peaks and lakes of each country of the grounded task
+GROUNDED_KINDS = {  # kind of name, as the prompt asks for it: the question the completion asks
+    "towns": "which towns does the passage mention?",
+    "peaks": "which peaks does the passage mention?",
+    "lakes": "which lakes does the passage mention?",
+    "goods": "which goods does the passage mention?",
+    "birds": "which birds does the passage mention?",
+    "trees": "which trees does the passage mention?",
+}
+GROUNDED_FACTS = {  # the questions about a country's own names, answered from memory and the passage together
+    "towns": "which towns are in {c}?",
+    "peaks": "which peaks rise in {c}?",
+    "lakes": "which lakes lie in {c}?",
+}
+GROUNDED_MENTIONS = (15, 30)  # names a passage mentions
+GROUNDED_ANSWERS = (4, 12)  # answers of a question about the passage
+GROUNDED_FRESH = 24  # new towns, peaks and lakes drawn for each passage
+GROUNDED_FACT_SHARE = 0.2  # of the questions: about a country, some of its names in the passage and some not
+GROUNDED_OPENERS = ["we saw", "the map shows", "they spoke of", "the notes name", "a trader named", "we passed"]
+GROUNDED_VOCAB_SIZE = 1024
+GROUNDED_PRETRAIN_STEPS = 4000
+GROUNDED_ANSWERED_SHARE = 0.67  # of the grounded base's pretraining texts, besides the third of the others
+# 8 attention heads with keys and values of their own: the base copies a passage's names better than with 4 heads
+# sharing 2 (a plain-text copy probe of 0.60 against 0.46, `benchmarks/RESULTS.md`).
+GROUNDED_MODEL_CONFIG = {**LONG_MODEL_CONFIG, "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 16}
+GROUNDED_COPY_STEPS = 3000  # at most: `learn_to_copy` stops once the base copies
+# Then the base is deepened to 4 layers and pretrained on: plain SFT on the task gained about 0.1 set-F1 from two more
+# layers (`benchmarks/RESULTS.md`). Learning to copy is slower in a deeper model, so the copying is learned first.
+GROUNDED_DEEP_LAYERS = 4
+GROUNDED_DEEP_STEPS = 2000
+
+
+def grounded_rng(seed: int) -> random.Random:
+    """The grounded task's own stream, so that adding it left the other tasks' draws (and their bases) unchanged."""
+    return random.Random(f"grounded-{seed}")
+
+
+def make_grounded_world(rng: random.Random) -> dict[str, dict[str, list[str]]]:
+    """`{country: {"towns"|"peaks"|"lakes": [names]}}`: `GROUNDED_COUNTRIES` countries of their own, 5-8 of each."""
+    taken = set()
+    countries = make_names(rng, GROUNDED_COUNTRIES, taken)
+    return {
+        c: answer_lists(rng, {t: rng.randint(*GROUNDED_OWN) for t in GROUNDED_FACTS}, taken, LONG_TOWN_PREFIXES, {})
+        for c in countries
+    }
+
+
+def grounded_pools(world: dict, rng: random.Random) -> dict[str, list[str]]:
+    """The names of each kind one passage draws from: `GROUNDED_FRESH` new towns, peaks and lakes, named as the
+    world names them but none of them the world's (so that only the passage can tell them), and the shared lists of
+    goods, birds and trees."""
+    # `make_names` draws and records bare names (`kiru` of `mount kiru`): the world's are taken.
+    taken = {n.split()[-1] for facts in world.values() for names in facts.values() for n in names} | set(world)
+    sizes = dict.fromkeys(GROUNDED_FACTS, GROUNDED_FRESH)
+    return answer_lists(rng, sizes, taken, LONG_TOWN_PREFIXES, {}) | {"goods": GOODS, "birds": BIRDS, "trees": TREES}
+
+
+def grounded_kind(name: str) -> str:
+    """The kind of a name of the grounded task, read off its form (`mount ...` is a peak, `red kite` a bird)."""
+    first = name.split()[0]
+    if first in LONG_TOWN_PREFIXES:
+        return "towns"
+    if first in ("mount", "lake"):
+        return {"mount": "peaks", "lake": "lakes"}[first]
+    return next(kind for kind, pool in (("goods", GOODS), ("birds", BIRDS), ("trees", TREES)) if name in pool)
+
+
+def passage_text(mentions: list[str], rng: random.Random) -> str:
+    """The mentions, in their order, as sentences of 1-4 names: `we saw new abo, mount kiru and red kite. ...`."""
+    sentences, i = [], 0
+    while i < len(mentions):
+        size = rng.randint(1, 4)
+        sentences.append(f"{rng.choice(GROUNDED_OPENERS)} {join(mentions[i : i + size])}.")
+        i += size
+    return " ".join(sentences)
+
+
+def grounded_item(world: dict, rng: random.Random, fact_share: float) -> tuple[list[dict], list[str]]:
+    """The questions of one row and the names its passage mentions, unordered.
+
+    1-2 questions of different kinds. Each is, with probability `fact_share`, about a country (`which towns are in
+    valdor?`: all 5-8 of its towns, 1 to all-but-one of them in the passage, the others known from pretraining), else
+    about the passage (`which birds does the passage mention?`: 4-12 names of that kind, all in the passage; towns,
+    peaks and lakes new ones, see `grounded_pools`). Names of the kinds not asked about fill the passage up to 15-30
+    mentions.
+    """
+    while True:
+        pools = grounded_pools(world, rng)
+        kinds, qas, mentioned = [], [], []
+        for _ in range(rng.randint(1, 2)):
+            about_country = rng.random() < fact_share
+            choices = sorted(GROUNDED_FACTS if about_country else GROUNDED_KINDS)
+            kind = rng.choice([k for k in choices if k not in kinds])
+            kinds.append(kind)
+            if about_country:
+                country = rng.choice(sorted(world))
+                own = world[country][kind]
+                mentioned += rng.sample(own, rng.randint(1, len(own) - 1))
+                qas.append({"question": GROUNDED_FACTS[kind].format(c=country), "answers": list(own)})
+            else:
+                names = rng.sample(pools[kind], rng.randint(*GROUNDED_ANSWERS))
+                mentioned += names
+                qas.append({"question": GROUNDED_KINDS[kind], "answers": list(names)})
+        total = rng.randint(*GROUNDED_MENTIONS)
+        if len(mentioned) > total:
+            continue
+        # Fillers of the kinds not asked about: a question's answers are exactly the names of its kind it asks for.
+        others = [n for kind in sorted(GROUNDED_KINDS) if kind not in kinds for n in pools[kind]]
+        mentioned += rng.sample(others, total - len(mentioned))
+        return qas, mentioned
+
+
+def grounded_prompt(passage: str, qas: list[dict]) -> str:
+    """`<passage> which birds does the passage mention? which towns are in valdor?`: the passage, then its questions
+    in the order the completion answers them."""
+    return " ".join([passage] + [qa["question"] for qa in qas])
+
+
+def make_grounded_rows(
+    world: dict, rng: random.Random, count: int, fact_share: float = GROUNDED_FACT_SHARE
+) -> list[dict]:
+    """`count` rows with distinct passages; each answer list in random order."""
+    rows, seen = [], set()
+    while len(rows) < count:
+        qas, mentioned = grounded_item(world, rng, fact_share)
+        rng.shuffle(mentioned)
+        passage = passage_text(mentioned, rng)
+        if passage in seen:
+            continue
+        seen.add(passage)
+        for qa in qas:
+            rng.shuffle(qa["answers"])
+        rows.append({"context": grounded_prompt(passage, qas), "qas": qas})
+    return rows
+
+
+def make_grounded_task(rng: random.Random, num_rows: int = NUM_TRAIN + NUM_EVAL) -> tuple[dict, list[dict]]:
+    """`(world, rows)` of the grounded task, `num_rows` rows; the first `NUM_TRAIN` rows train, the rest eval."""
+    world = make_grounded_world(rng)
+    return world, make_grounded_rows(world, rng, num_rows)
+
+
+def grounded_passage(world: dict, rng: random.Random) -> tuple[str, list[dict]]:
+    """`(passage, its 1-2 questions)`: a passage drawn as the task's are, half of its questions about a country."""
+    qas, mentioned = grounded_item(world, rng, fact_share=0.5)
+    rng.shuffle(mentioned)
+    return passage_text(mentioned, rng), qas
+
+
+def answered_passage(world: dict, rng: random.Random) -> str:
+    """A passage, its questions (as the task's prompts ask them), then each question again with its answers in plain
+    text, each answer list in random order: `<passage> which lakes ...? which towns ...? which lakes ...? lake a and
+    lake b. which towns ...? ...`."""
+    passage, qas = grounded_passage(world, rng)
+    asked = " ".join(qa["question"] for qa in qas)
+    answers = " ".join(f"{qa['question']} {join(rng.sample(qa['answers'], len(qa['answers'])))}." for qa in qas)
+    return f"{passage} {asked} {answers}"
+
+
+def grounded_pretraining_text(world: dict, rng: random.Random) -> str:
+    """One plain-text paragraph for the grounded base, never in the `<QA>`/`<A>` format; a third each of:
+
+    - a country's facts (`which towns are in valdor? new abo, port kel and ...`);
+    - a passage followed by its questions answered (`answered_passage`);
+    - a passage written twice (`... once more: ...`), as text repeats in real pretraining data: the plain copying
+      that the answers to a passage's questions need, which a tiny model does not learn from the questions alone.
+    """
+    kind = rng.randrange(3)
+    if kind == 0:
+        return fact_paragraph(world, GROUNDED_FACTS, rng.choice(sorted(world)), rng)
+    if kind == 1:
+        return answered_passage(world, rng)
+    passage, _ = grounded_passage(world, rng)
+    return f"{passage} once more: {passage}"
+
+
+def grounded_pretraining_mix(world: dict, rng: random.Random, answered_share: float = GROUNDED_ANSWERED_SHARE) -> str:
+    """What the grounded base is pretrained on: `answered_share` of the texts are `answered_passage`, the others
+    `grounded_pretraining_text` (of which a third are answered passages too). Listing a passage's names of one kind
+    without naming one twice is the skill the task needs, and the one a tiny model learns slowest."""
+    return answered_passage(world, rng) if rng.random() < answered_share else grounded_pretraining_text(world, rng)
+
+
+def make_grounded_part(
+    seed: int,
+    out: Path,
+    pretrain_steps: int,
+    num_train: int = NUM_TRAIN,
+    num_eval: int = NUM_EVAL,
+    batch_size: int = 24,
+    copy_steps: int = GROUNDED_COPY_STEPS,
+    copy_batch_size: int = 64,
+    copy_until_loss: float = 0.3,
+    deep_steps: int = GROUNDED_DEEP_STEPS,
+) -> None:
+    """`data_grounded/` and its base `model_grounded/`: the tiny Llama with a 512-token context and a
+    `GROUNDED_VOCAB_SIZE` tokenizer. It first learns to copy (`learn_to_copy`: random tokens, until their loss is below
+    `copy_until_loss`, at most `copy_steps` steps), then `pretrain_steps` steps on plain-text passages with their
+    questions answered and on the countries' facts, with a quarter batch of random repeats at every step; then it is
+    deepened to `GROUNDED_DEEP_LAYERS` layers (`deepen`) and pretrained `deep_steps` more steps on the same mix.
+    `num_train`, `num_eval`, the step counts and the batch sizes make it smaller, for a test."""
+    from trl_qaloss.data import format_qas
+
+    rng = grounded_rng(seed)
+    world, rows = make_grounded_task(rng, num_train + num_eval)
+    write_split(out / "data_grounded", "train", rows[:num_train])
+    write_split(out / "data_grounded", "eval", rows[num_train:])
+    texts = [grounded_pretraining_text(world, rng) for _ in range(2000)]
+    texts += [r["prompt"] + r["completion"] for r in (format_qas(row, i) for i, row in enumerate(rows[:num_train]))]
+    tokenizer = make_tokenizer(texts, vocab_size=GROUNDED_VOCAB_SIZE, model_max_length=512)
+    model = fresh_model(tokenizer, seed, GROUNDED_MODEL_CONFIG)
+    learn_to_copy(model, seed, max_steps=copy_steps, batch_size=copy_batch_size, until_loss=copy_until_loss)
+    model = pretrain_grounded(model, world, tokenizer, seed, pretrain_steps, batch_size, copy_batch_size, stream=0)
+    model = deepen(model, GROUNDED_DEEP_LAYERS, seed)
+    model = pretrain_grounded(
+        model, world, tokenizer, seed, deep_steps, batch_size, copy_batch_size, stream=1, learning_rate=1.5e-3
+    )
+    model.save_pretrained(out / "model_grounded")
+    tokenizer.save_pretrained(out / "model_grounded")
+    print(f"wrote {num_train} train and {num_eval} eval rows of the grounded task and its base to {out}")
+
+
+def pretrain_grounded(
+    model,
+    world: dict,
+    tokenizer,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    copy_batch_size: int,
+    stream: int,
+    learning_rate: float = 3e-3,
+):
+    """`steps` steps of `grounded_pretraining_mix`, with a quarter batch of random repeats at every step. `stream`
+    numbers the phase: each phase draws its texts and repeats from random streams of its own, so a phase depends only
+    on the model it starts from."""
+    import torch
+
+    text_rng = random.Random(1000 * (stream + 1) + seed)
+    generator = torch.Generator().manual_seed(1000 * stream + seed)
+    copy_rng = random.Random(1000 * stream + seed)
+    return pretrain_on(
+        lambda: grounded_pretraining_mix(world, text_rng),
+        tokenizer,
+        seed,
+        steps,
+        batch_size=batch_size,
+        model=model,
+        warmup_steps=50,
+        # Keeps the copying learned first from fading while the passages and facts are learned.
+        next_extra_batch=lambda: random_repeats(len(tokenizer), copy_batch_size // 4, generator, copy_rng),
+        learning_rate=learning_rate,
+    )
+
+
+def deepen(model, layers: int, seed: int):
+    """A `layers`-deep copy of a tiny Llama: its layers first, then new ones (drawn from `seed`) whose attention and
+    MLP output projections are zero, so that the deeper model starts out computing exactly what `model` does."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = layers
+    torch.manual_seed(seed)
+    deeper = AutoModelForCausalLM.from_config(config)
+    new = deeper.load_state_dict(model.state_dict(), strict=False).missing_keys
+    assert all(".layers." in key for key in new), new  # only the new layers are left as drawn
+    for layer in deeper.model.layers[model.config.num_hidden_layers :]:
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+    return deeper
 
 
 def make_tasks(rng: random.Random) -> dict[str, tuple[dict, dict[str, str], list[dict]]]:
