@@ -22,8 +22,8 @@ so the order of the answers carries no information: exactly where the set loss d
   pretraining). Its base (`model_grounded/`, 512-token context, own tokenizer, 8 attention heads) first learns to copy
   on random tokens (a span repeated at a random distance: an induction head), then is pretrained on plain-text
   passages followed by their questions, asked and then answered in random order (about three quarters of the texts),
-  on passages written twice and on the countries' facts: a base must be able to copy from its prompt before
-  fine-tuning can teach it which names to copy.
+  on passages written twice and on the countries' facts, with 2 layers and then deepened to 4: a base must be able to
+  copy from its prompt before fine-tuning can teach it which names to copy.
 
 Each of the first three tasks draws 480 distinct (country, ordered topics) combinations, the grounded task 480
 distinct passages: the first 400 are `train.jsonl`, the last 80 `eval.jsonl`, so every held-out row is a question
@@ -35,7 +35,7 @@ tasks written as plain text (`which rivers flow through valdor? oru and pell.`),
 demo's QLoRA run then has to learn the structured format and give each answer set in it, as a real instruct
 fine-tune would. The long task has a base of its own (`model_long/`, the same architecture with a 512-token context
 and its own tokenizer), pretrained the same way on its facts (6 min on 2 cores); `--part long` makes only the long
-task and its base, `--part grounded` only the grounded task and its base (its pretraining: about 35 min on one torch
+task and its base, `--part grounded` only the grounded task and its base (its pretraining: about 70 min on one torch
 thread, cores shared with other jobs), `--part demo` only the first two tasks and their base.
 The held-out rows ask about the same countries: they measure how well the facts and the format were learned, not
 generalization to unseen countries (the grounded task's held-out passages are new, its countries the same).
@@ -510,8 +510,8 @@ GROUNDED_ANSWERED_SHARE = 0.67  # of the grounded base's pretraining texts, besi
 # sharing 2 (a plain-text copy probe of 0.60 against 0.46, `benchmarks/RESULTS.md`).
 GROUNDED_MODEL_CONFIG = {**LONG_MODEL_CONFIG, "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 16}
 GROUNDED_COPY_STEPS = 3000  # at most: `learn_to_copy` stops once the base copies
-# Then the base is deepened to 4 layers and pretrained on: plain SFT on the task gained about 0.1 set-F1 from two more
-# layers (`benchmarks/RESULTS.md`). Learning to copy is slower in a deeper model, so the copying is learned first.
+# Then the base is deepened to 4 layers and pretrained on: plain SFT on the task gained 0.01-0.10 set-F1 from the two
+# more layers (`benchmarks/RESULTS.md`). A deeper model learns to copy later, so the copying is learned at 2 layers.
 GROUNDED_DEEP_LAYERS = 4
 GROUNDED_DEEP_STEPS = 2000
 
