@@ -93,7 +93,8 @@ class QALossConfig(SFTConfig):
         default="canonical",
         metadata={
             "help": "Order of each item's target answers during training: 'canonical' (the default: sorted by token "
-            "ids, the best answer sets in the benchmark), 'data' (as given), 'appearance' (the answers that occur "
+            "ids, the best answer sets in the benchmark, with answers from memory or read off the prompt), 'data' "
+            "(as given), 'appearance' (the answers that occur "
             "in the prompt first, in the order they first occur there, then the others in canonical order; "
             "'occurs': the answer's normalized text is in the prompt's on word boundaries, as the metrics normalize), "
             "'preferred' (the answer the model scores highest first) or 'aligned' (the model's own answers, "
